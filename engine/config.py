@@ -1,0 +1,119 @@
+"""Typed, flat, frozen configs for each job, validated at the edge.
+
+Each job's argparse flags map one-to-one onto a config's fields (``--score-batch-size`` ->
+``score_batch_size``); ``from_dict`` loads the same fields from YAML (Tune sweeps) and
+rejects unknown keys. ``validate()`` raises ConfigError naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Optional, Tuple, Type, TypeVar
+
+from engine.errors import ConfigError
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and batching shared by proxy training and retraining."""
+
+    batch_size: int = 128          # samples per optimiser step (per worker on Ray Train)
+    lr: float = 0.05               # peak SGD learning rate (cosine decay to 0 over the run)
+    momentum: float = 0.9          # SGD Nesterov momentum
+    weight_decay: float = 5e-4     # L2 on all parameters
+
+    def validate(self) -> None:
+        _positive(self, "batch_size", "lr")
+        _in_range(self, "momentum", 0.0, 1.0)
+        _in_range(self, "weight_decay", 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """``jobs.score``: train proxies, score every training sample, write scores.parquet."""
+
+    data: str = "fashion-mnist-mini"   # data source spec (engine.data registry)
+    model: str = "small-cnn"           # proxy model (engine.models registry)
+    scores: Tuple[str, ...] = ("el2n", "forgetting")  # score names (engine.scores registries)
+    seeds: int = 2                     # proxies with seeds 0..seeds-1; scores averaged over them
+    epochs: int = 4                    # proxy training epochs
+    score_epochs: Optional[Tuple[int, ...]] = None  # epochs at which model scores are taken (0 = init); default: last
+    actors: int = 1                    # scoring actors in the Ray Data pool
+    gpus_per_actor: float = 0.0        # GPUs per scoring actor (fractions allowed)
+    score_batch_size: int = 512        # rows per scoring batch
+    optim: OptimConfig = OptimConfig()
+    out: str = "runs/score"            # run directory
+
+    def validate(self) -> None:
+        _positive(self, "seeds", "epochs", "actors", "score_batch_size")
+        _in_range(self, "gpus_per_actor", 0.0, 64.0)
+        for e in self.score_epochs or ():
+            if not 0 <= e <= self.epochs:
+                raise ConfigError(f"score_epochs: epoch {e} is outside 0..epochs ({self.epochs})")
+        self.optim.validate()
+
+    @property
+    def model_score_epochs(self) -> Tuple[int, ...]:
+        return tuple(sorted(set(self.score_epochs))) if self.score_epochs else (self.epochs,)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``jobs.train``: (re)train on a manifest's subset, or on everything, with Ray Train."""
+
+    data: str = "fashion-mnist-mini"   # data source spec
+    model: str = "small-cnn"           # model to train
+    manifest: Optional[str] = None     # manifest.parquet; None = the full training split
+    epochs: int = 10                   # passes over the (sub)set
+    workers: int = 1                   # Ray Train workers
+    gpus: int = 0                      # GPUs per worker (0 = CPU)
+    seed: int = 0                      # init and shuffling seed
+    optim: OptimConfig = OptimConfig()
+    out: str = "runs/train"            # run directory (metrics.json, checkpoints)
+
+    def validate(self) -> None:
+        _positive(self, "epochs", "workers")
+        _in_range(self, "gpus", 0, 64)
+        self.optim.validate()
+
+
+def from_dict(cls: Type[C], d: dict) -> C:
+    """Build a config from a flat dict (YAML); unknown keys raise ConfigError naming them.
+    Optimiser fields (lr, batch_size...) may appear at top level."""
+    names = {f.name for f in fields(cls)}
+    optim_names = {f.name for f in fields(OptimConfig)}
+    unknown = sorted(set(d) - names - optim_names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names | optim_names)}")
+    kw = {k: _tuple(v) for k, v in d.items() if k in names and k != "optim"}
+    if "optim" in names:
+        kw["optim"] = OptimConfig(**{k: v for k, v in d.items() if k in optim_names})
+    cfg = cls(**kw)
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """Flat, JSON-friendly dict of a config (recorded as provenance)."""
+    d = dataclasses.asdict(cfg)
+    d.update(d.pop("optim", {}))
+    return d
+
+
+def _tuple(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if not isinstance(v, (int, float)) or v <= 0:
+            raise ConfigError(f"{n} must be positive, got {v!r}")
+
+
+def _in_range(cfg: Any, name: str, lo: float, hi: float) -> None:
+    v = getattr(cfg, name)
+    if not isinstance(v, (int, float)) or not lo <= v <= hi:
+        raise ConfigError(f"{name} must be in [{lo}, {hi}], got {v!r}")

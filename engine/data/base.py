@@ -1,0 +1,164 @@
+"""Rows ``{sample_id:int64, image:uint8 HWC, label:int64}``: in memory and as partitions."""
+from __future__ import annotations
+
+import abc
+import hashlib
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+
+from engine.errors import ConfigError, DataError
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What models and normalisation need to know about a source."""
+
+    spec: str                            # the spec string the source was built from
+    num_classes: int
+    image_shape: Tuple[int, int, int]    # (H, W, C)
+    mean: Tuple[float, ...]              # per channel, pixel units in [0, 1]
+    std: Tuple[float, ...]
+    class_names: Optional[Tuple[str, ...]] = None
+
+
+@dataclass
+class ArraySplit:
+    """One split in memory: ids int64 [N] (unique), images uint8 [N, H, W, C], labels int64 [N]."""
+
+    sample_id: np.ndarray
+    image: np.ndarray
+    label: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.sample_id)
+
+    def subset(self, ids: np.ndarray) -> "ArraySplit":
+        """Rows whose sample_id is in ``ids``, in the order of ``ids``; DataError if any is absent."""
+        ids = np.asarray(ids, dtype=np.int64)
+        order = np.argsort(self.sample_id, kind="stable")
+        pos = np.searchsorted(self.sample_id, ids, sorter=order)
+        pos = np.clip(pos, 0, len(order) - 1)
+        rows = order[pos]
+        absent = ids[self.sample_id[rows] != ids] if len(order) else ids
+        if len(absent):
+            raise DataError(f"{len(absent)} sample_id(s) are absent from the data, e.g. {absent[:5].tolist()}")
+        return ArraySplit(self.sample_id[rows], self.image[rows], self.label[rows])
+
+    def batches(self, batch_size: int) -> Iterator[dict]:
+        """Dict batches of numpy arrays, in row order."""
+        for i in range(0, len(self), batch_size):
+            yield {"sample_id": self.sample_id[i:i + batch_size], "image": self.image[i:i + batch_size],
+                   "label": self.label[i:i + batch_size]}
+
+
+class Partition(abc.ABC):
+    """A picklable piece of a split that can be read on any node (one Ray Data read task)."""
+
+    num_rows: int
+
+    @abc.abstractmethod
+    def read(self) -> Iterator[dict]:
+        """Yield dict batches ``{"sample_id", "image", "label"}`` of numpy arrays."""
+
+
+@dataclass(frozen=True)
+class ArrayPartition(Partition):
+    """Rows already in memory (small data): the arrays travel with the task."""
+
+    rows: ArraySplit
+
+    @property
+    def num_rows(self) -> int:  # type: ignore[override]
+        return len(self.rows)
+
+    def read(self) -> Iterator[dict]:
+        yield from self.rows.batches(max(len(self.rows), 1))
+
+
+class Source(abc.ABC):
+    """A dataset with a train and a test split."""
+
+    spec: str
+
+    @abc.abstractmethod
+    def info(self) -> DataInfo: ...
+
+    @abc.abstractmethod
+    def num_rows(self, split: str) -> int: ...
+
+    @abc.abstractmethod
+    def partitions(self, split: str, target_rows: int = 8192) -> list[Partition]:
+        """Pieces covering every row of ``split`` exactly once."""
+
+    def arrays(self, split: str) -> ArraySplit:
+        """The whole split in memory (small data). Default: read every partition."""
+        parts = [b for p in self.partitions(check_split(split)) for b in p.read()]
+        h, w, c = self.info().image_shape
+        if not parts:
+            return ArraySplit(np.zeros(0, np.int64), np.zeros((0, h, w, c), np.uint8), np.zeros(0, np.int64))
+        return ArraySplit(*(np.concatenate([b[k] for b in parts]) for k in ("sample_id", "image", "label")))
+
+
+class InMemorySource(Source):
+    """A source whose splits are loaded once into memory (embedded, IDX, digits)."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self._splits: dict = {}
+
+    @abc.abstractmethod
+    def _load(self, split: str) -> ArraySplit: ...
+
+    def arrays(self, split: str) -> ArraySplit:
+        split = check_split(split)
+        if split not in self._splits:
+            rows = self._load(split)
+            validate_rows(rows.sample_id, rows.label, self.info().num_classes, f"{self.spec} {split}")
+            self._splits[split] = rows
+        return self._splits[split]
+
+    def num_rows(self, split: str) -> int:
+        return len(self.arrays(split))
+
+    def partitions(self, split: str, target_rows: int = 8192) -> list[Partition]:
+        rows = self.arrays(split)
+        return [ArrayPartition(ArraySplit(rows.sample_id[i:i + target_rows], rows.image[i:i + target_rows],
+                                          rows.label[i:i + target_rows]))
+                for i in range(0, len(rows), target_rows)]
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    return split
+
+
+def validate_rows(sample_id: np.ndarray, label: np.ndarray, num_classes: int, where: str) -> None:
+    """DataError if ids are not unique int64 or labels are not int64 in [0, num_classes)."""
+    sample_id, label = np.asarray(sample_id), np.asarray(label)
+    if sample_id.ndim != 1 or label.shape != sample_id.shape:
+        raise DataError(f"{where}: sample_id {sample_id.shape} and label {label.shape} must be 1-d of equal length")
+    if sample_id.dtype.kind not in "iu" or label.dtype.kind not in "iu":
+        raise DataError(f"{where}: sample_id and label must be integers, got {sample_id.dtype} and {label.dtype}")
+    uniq, counts = np.unique(sample_id, return_counts=True)
+    if len(uniq) != len(sample_id):
+        raise DataError(f"{where}: duplicate sample_id {int(uniq[counts > 1][0])}")
+    bad = (label < 0) | (label >= num_classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{where}: label {int(label[i])} of sample_id {int(sample_id[i])} is outside [0, {num_classes})")
+
+
+def stable_id(key: str) -> int:
+    """A 63-bit non-negative int64 from blake2b(key): ids derived from file names and rows."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def in_holdout(sample_id: np.ndarray, percent: int = 10) -> np.ndarray:
+    """Deterministic test holdout: True for ids whose hash falls in the lowest ``percent``%."""
+    h = np.array([stable_id(f"holdout:{int(i)}") % 100 for i in np.asarray(sample_id)], dtype=np.int64)
+    return h < percent

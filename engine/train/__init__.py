@@ -1,0 +1,12 @@
+"""Plain-PyTorch training and evaluation loops; no Ray here (``engine.dist`` wraps them)."""
+from engine.train.loops import (  # noqa: F401
+    ProxyRun,
+    batch_to_input,
+    evaluate,
+    fit_proxy,
+    make_optimizer,
+    pick_device,
+    seed_everything,
+    shuffled_batches,
+    train_epoch,
+)

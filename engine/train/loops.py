@@ -1,0 +1,160 @@
+"""Training and evaluation loops over in-memory ``ArraySplit``s.
+
+Everything here is deterministic on CPU for a given seed: the shuffling order comes from a
+seeded ``torch.Generator`` and the initialisation from ``torch.manual_seed``.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import OptimConfig
+from engine.data import ArraySplit, DataInfo, normalize
+from engine.models import build_model
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy's legacy global RNG and ``random`` (explicit seeds only)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def pick_device(gpus: float) -> torch.device:
+    """CUDA when GPUs were asked for and one is visible, else CPU."""
+    return torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")
+
+
+def batch_to_input(images: np.ndarray | torch.Tensor, info: DataInfo, device: torch.device) -> torch.Tensor:
+    """uint8 [B, H, W, C] -> normalised float32 [B, C, H, W] on ``device`` (uint8 travels,
+    the conversion happens on the device)."""
+    t = torch.as_tensor(images).to(device, non_blocking=True)
+    return normalize(t, info.mean, info.std)
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig, total_steps: int):
+    """SGD with Nesterov momentum and a cosine schedule over ``total_steps`` steps."""
+    opt = torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
+                          nesterov=optim.momentum > 0, weight_decay=optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1))))
+    return opt, sched
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Positions 0..n-1 in a random order fixed by (seed, epoch), cut into batches."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).numpy()
+    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def train_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched,
+    split: ArraySplit,
+    info: DataInfo,
+    batches: Iterable[np.ndarray],
+    device: torch.device,
+    weight: Optional[np.ndarray] = None,
+) -> tuple[float, np.ndarray]:
+    """One pass over ``batches`` (arrays of positions into ``split``).
+
+    ``weight``: optional float [N] per-sample loss weights, normalised by the caller to mean 1
+    over the training set, so the loss is ``mean_b(w_b * CE_b)`` and all-ones weights give
+    exactly the unweighted loss.
+
+    Returns (mean loss over the pass, correct: bool [N] with each visited sample's
+    correctness in its own minibatch, as forgetting scores need; unvisited stay False).
+    """
+    model.train()
+    correct = np.zeros(len(split), dtype=bool)
+    total, count = 0.0, 0
+    for idx in batches:
+        x = batch_to_input(split.image[idx], info, device)
+        y = torch.as_tensor(split.label[idx], device=device)
+        logits = model(x)
+        ce = F.cross_entropy(logits, y, reduction="none")
+        if weight is not None:
+            ce = ce * torch.as_tensor(weight[idx], dtype=ce.dtype, device=device)
+        loss = ce.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        correct[idx] = (logits.argmax(1) == y).cpu().numpy()
+        total += float(loss.detach()) * len(idx)
+        count += len(idx)
+    return total / max(count, 1), correct
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: ArraySplit, info: DataInfo, device: torch.device,
+             batch_size: int = 1024) -> float:
+    """Top-1 accuracy of ``model`` on ``split`` (eval mode; previous mode restored)."""
+    was_training = model.training
+    model.eval()
+    hits = 0
+    for b in split.batches(batch_size):
+        logits = model(batch_to_input(b["image"], info, device))
+        hits += int((logits.argmax(1).cpu() == torch.as_tensor(b["label"])).sum())
+    model.train(was_training)
+    return hits / max(len(split), 1)
+
+
+@dataclass
+class ProxyRun:
+    """What one proxy training run leaves for scoring.
+
+    states: {epoch: state_dict on CPU}; epoch 0 is the initialisation.
+    correct: bool [E, N], correctness per epoch aligned with ``sample_id``.
+    sample_id: int64 [N], the order of ``correct``'s columns.
+    """
+
+    seed: int
+    states: Dict[int, Dict[str, torch.Tensor]]
+    correct: np.ndarray
+    sample_id: np.ndarray
+    train_loss: list
+
+
+def fit_proxy(
+    split: ArraySplit,
+    info: DataInfo,
+    model_name: str,
+    optim: OptimConfig,
+    epochs: int,
+    seed: int,
+    checkpoint_epochs: Iterable[int],
+    device: torch.device,
+    log: Callable[[str], None] = print,
+) -> ProxyRun:
+    """Train one proxy model from seed ``seed`` for ``epochs`` epochs on ``split``, keeping
+    CPU copies of the weights at each epoch in ``checkpoint_epochs`` (0 = at init)."""
+    seed_everything(seed)
+    model = build_model(model_name, info.image_shape[2], info.num_classes, info.image_shape[0]).to(device)
+    steps = epochs * math.ceil(len(split) / optim.batch_size)
+    opt, sched = make_optimizer(model, optim, steps)
+    wanted = set(checkpoint_epochs)
+    states = {0: _cpu_state(model)} if 0 in wanted else {}
+    history, losses = [], []
+    for epoch in range(1, epochs + 1):
+        batches = shuffled_batches(len(split), optim.batch_size, seed, epoch)
+        loss, correct = train_epoch(model, opt, sched, split, info, batches, device)
+        history.append(correct)
+        losses.append(loss)
+        log(f"proxy seed {seed}: epoch {epoch}/{epochs} loss {loss:.4f} train-acc {correct.mean():.3f}")
+        if epoch in wanted:
+            states[epoch] = _cpu_state(model)
+    return ProxyRun(seed, states, np.stack(history), split.sample_id.copy(), losses)
+
+
+def _cpu_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

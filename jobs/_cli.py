@@ -1,0 +1,101 @@
+"""What every job shares: error handling, run directories, common flags.
+
+A user error (``WinnowError``, also when raised inside a Ray task or actor) ends with one
+line ``<job>: error: <message>`` on stderr and exit status 2; an interrupt ends with 130.
+Either way no output file is left behind: artifacts are written atomically, and a run
+directory this invocation created is removed again when the job fails.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+from engine.config import OptimConfig
+from engine.errors import ConfigError, WinnowError
+
+
+def user_error(exc: BaseException) -> Optional[WinnowError]:
+    """The WinnowError behind ``exc`` (unwrapping Ray's task/actor error wrappers), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, WinnowError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+def run(job: str, main: Callable[[Sequence[str]], None], argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``main(argv)`` and turn user errors into exit status 2 with one message."""
+    try:
+        main(sys.argv[1:] if argv is None else list(argv))
+        return 0
+    except KeyboardInterrupt:
+        print(f"{job}: interrupted; nothing partial was kept", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  (re-raised unless it is a user error)
+        err = user_error(exc)
+        if err is None:
+            raise
+        print(f"{job}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def entry(job: str, main: Callable[[Sequence[str]], None]) -> None:
+    sys.exit(run(job, main))
+
+
+@contextlib.contextmanager
+def output_dir(path: str | Path) -> Iterator[Path]:
+    """Create ``path`` for a run's artifacts; remove it again if the job fails and the
+    directory did not exist before (an existing one keeps what earlier runs left)."""
+    path = Path(path)
+    existed = path.exists()
+    if existed and not path.is_dir():
+        raise ConfigError(f"--out {str(path)!r} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if not existed:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that exits with status 2 and one line (no usage dump) on a bad flag."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_optim_flags(p: argparse.ArgumentParser, defaults: OptimConfig = OptimConfig()) -> None:
+    g = p.add_argument_group("optimiser")
+    g.add_argument("--batch-size", type=int, default=defaults.batch_size, help="samples per SGD step (per worker)")
+    g.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate, cosine-decayed to 0")
+    g.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD Nesterov momentum")
+    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="L2 weight decay")
+
+
+def optim_from(args: argparse.Namespace) -> OptimConfig:
+    cfg = OptimConfig(args.batch_size, args.lr, args.momentum, args.weight_decay)
+    cfg.validate()
+    return cfg
+
+
+def int_list(text: str) -> tuple:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def float_list(text: str) -> tuple:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None

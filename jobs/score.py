@@ -1,0 +1,130 @@
+"""Train S proxy models, score every training sample through Ray Data, write scores.parquet.
+
+    python -m jobs.score --data fashion-mnist-mini --model small-cnn --scores el2n,forgetting \\
+        --seeds 2 --epochs 4 --out runs/score
+
+prints a line per proxy epoch, Ray Data's progress, and finally
+``wrote runs/score/scores.parquet: 6000 rows, columns el2n, el2n_std, forgetting, forgetting_std``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from engine import artifacts
+from engine.config import ScoreConfig, to_dict
+from engine.data import load_source
+from engine.models import check_model_name
+from engine.scores import HISTORY_SCORERS, SCORERS, parse_score_names
+from engine.scores.aggregate import history_scores, mean_std_over_seeds, model_key
+from jobs._cli import Parser, add_optim_flags, entry, int_list, optim_from, output_dir
+
+
+def build_parser() -> Parser:
+    d = ScoreConfig()
+    p = Parser(prog="python -m jobs.score", description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=d.data, help="data source spec: fashion-mnist-mini, fashion-mnist[:DIR], digits, "
+                   "parquet:PATH, imagefolder:PATH, synthetic:N[,HxW[,C]] (default %(default)s)")
+    p.add_argument("--model", default=d.model, help="proxy model: small-cnn, resnet18-cifar, torchvision:NAME")
+    p.add_argument("--scores", default=",".join(d.scores),
+                   help="comma-separated score names, e.g. el2n,loss,forgetting (default %(default)s)")
+    p.add_argument("--seeds", type=int, default=d.seeds, help="number of proxies (seeds 0..S-1); scores are averaged")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="proxy training epochs (default %(default)s)")
+    p.add_argument("--score-epochs", type=int_list, default=None,
+                   help="epochs at which model scores are taken, e.g. 0,2 (0 = at init; default: the last)")
+    p.add_argument("--actors", type=int, default=d.actors, help="max scoring actors in the Ray Data pool")
+    p.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPUs per scoring actor and proxy")
+    p.add_argument("--score-batch-size", type=int, default=d.score_batch_size, help="rows per scoring batch")
+    p.add_argument("--out", default=d.out, help="run directory; scores.parquet is written there")
+    add_optim_flags(p)
+    return p
+
+
+def config_from(argv: Sequence[str]) -> ScoreConfig:
+    args = build_parser().parse_args(argv)
+    cfg = ScoreConfig(data=args.data, model=args.model, scores=tuple(parse_score_names(args.scores)),
+                      seeds=args.seeds, epochs=args.epochs, score_epochs=args.score_epochs, actors=args.actors,
+                      gpus_per_actor=args.gpus_per_actor, score_batch_size=args.score_batch_size,
+                      optim=optim_from(args), out=args.out)
+    cfg.validate()
+    return cfg
+
+
+def check_inputs(cfg: ScoreConfig):
+    """Everything that can be checked before Ray starts: names, data spec, model."""
+    check_model_name(cfg.model)
+    source = load_source(cfg.data)
+    source.info()
+    return source
+
+
+def run_score(cfg: ScoreConfig) -> Path:
+    """The job's stages; assumes a Ray session. Returns the path of scores.parquet."""
+    from engine.dist.scoring import score_on_ray, train_proxies
+
+    check_inputs(cfg)
+    model_scores = [s for s in cfg.scores if s in SCORERS]
+    hist_scores = [s for s in cfg.scores if s in HISTORY_SCORERS]
+    with output_dir(cfg.out) as out:
+        t0 = time.time()
+        runs = train_proxies(cfg)
+        print(f"stage proxies: {cfg.seeds} proxies x {cfg.epochs} epochs in {time.time() - t0:.1f}s")
+        ids, label, cols = _proxy_columns(cfg, runs, hist_scores)
+        if model_scores:
+            t0 = time.time()
+            states = {model_key(r.seed, e): s for r in runs for e, s in r.states.items()}
+            scored = score_on_ray(cfg, states, model_scores)
+            _check_same_ids(ids, scored["sample_id"])
+            label = scored["label"]
+            cols.update(mean_std_over_seeds(scored, model_scores, [r.seed for r in runs], cfg.model_score_epochs))
+            print(f"stage scoring: {len(ids)} samples x {len(states)} checkpoints in {time.time() - t0:.1f}s")
+        path = out / "scores.parquet"
+        _write(path, cfg, ids, label, cols, runs)
+    print(f"wrote {path}: {len(ids)} rows, columns {', '.join(cols)}")
+    return path
+
+
+def _proxy_columns(cfg: ScoreConfig, runs, hist_scores):
+    """Sample ids (sorted), labels and history-based score columns from the proxy runs."""
+    source = load_source(cfg.data)
+    train = source.arrays("train")
+    order = np.argsort(train.sample_id, kind="stable")
+    histories = {}
+    for r in runs:
+        pos = np.argsort(r.sample_id, kind="stable")
+        histories[r.seed] = r.correct[:, pos]
+    cols = history_scores(histories, hist_scores) if hist_scores else {}
+    return train.sample_id[order], train.label[order], cols
+
+
+def _check_same_ids(expected: np.ndarray, got: np.ndarray) -> None:
+    if not np.array_equal(expected, got):
+        raise RuntimeError("Ray Data scoring returned a different set of sample ids than the training split")
+
+
+def _write(path: Path, cfg: ScoreConfig, ids, label, cols: dict, runs) -> None:
+    table = pa.table({"sample_id": pa.array(ids.astype(np.int64)), "label": pa.array(label.astype(np.int64)),
+                      **{k: pa.array(v.astype(np.float32)) for k, v in cols.items()}})
+    meta = {"kind": "scores", "config": to_dict(cfg), "seeds": [r.seed for r in runs],
+            "score_epochs": {s: (list(cfg.model_score_epochs) if s in SCORERS else "history")
+                             for s in cfg.scores},
+            "proxy_train_loss": {r.seed: r.train_loss for r in runs},
+            "model": cfg.model, "data": cfg.data, "environment": artifacts.environment()}
+    artifacts.write_table(path, table, meta)
+
+
+def main(argv: Sequence[str]) -> None:
+    cfg = config_from(argv)
+    check_inputs(cfg)
+    from engine.dist.runtime import ray_session
+
+    with ray_session():
+        run_score(cfg)
+
+
+if __name__ == "__main__":
+    entry("jobs.score", main)

@@ -1,0 +1,40 @@
+"""Shared fixtures: one local Ray instance per test session, started only by tests that need it."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A private local Ray (own temp dir, no dashboard) shared by every test that asks for it;
+    shut down by ``ray.shutdown()`` at the end of the session, never by ``ray stop``."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    tmp = os.environ.get("WINNOW_RAY_TMPDIR") or tempfile.mkdtemp(prefix="wnr-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING",
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def run_job(capsys):
+    """Run a job's ``main`` in-process like the CLI does; returns (exit status, stdout, stderr)."""
+    from jobs._cli import run
+
+    def _run(module, argv):
+        code = run(module.__name__, module.main, [str(a) for a in argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return _run
