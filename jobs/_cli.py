@@ -34,6 +34,8 @@ def run(job: str, main: Callable[[Sequence[str]], None], argv: Optional[Sequence
     try:
         main(sys.argv[1:] if argv is None else list(argv))
         return 0
+    except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, message already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     except KeyboardInterrupt:
         print(f"{job}: interrupted; nothing partial was kept", file=sys.stderr)
         return 130

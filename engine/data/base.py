@@ -39,11 +39,13 @@ class ArraySplit:
     def subset(self, ids: np.ndarray) -> "ArraySplit":
         """Rows whose sample_id is in ``ids``, in the order of ``ids``; DataError if any is absent."""
         ids = np.asarray(ids, dtype=np.int64)
-        order = np.argsort(self.sample_id, kind="stable")
-        pos = np.searchsorted(self.sample_id, ids, sorter=order)
-        pos = np.clip(pos, 0, len(order) - 1)
-        rows = order[pos]
-        absent = ids[self.sample_id[rows] != ids] if len(order) else ids
+        if not len(self):  # nothing to look up in (searchsorted would index an empty array)
+            rows, absent = np.zeros(0, np.int64), ids
+        else:
+            order = np.argsort(self.sample_id, kind="stable")
+            pos = np.clip(np.searchsorted(self.sample_id, ids, sorter=order), 0, len(order) - 1)
+            rows = order[pos]
+            absent = ids[self.sample_id[rows] != ids]
         if len(absent):
             raise DataError(f"{len(absent)} sample_id(s) are absent from the data, e.g. {absent[:5].tolist()}")
         return ArraySplit(self.sample_id[rows], self.image[rows], self.label[rows])

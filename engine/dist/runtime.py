@@ -15,19 +15,35 @@ def _local_temp_dir() -> str:
     return os.environ.get("WINNOW_RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), f"winnow-ray-{os.getuid()}")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
-                dashboard: bool = False) -> Iterator[None]:
+                dashboard: bool = True) -> Iterator[None]:
     """Use the running Ray (tests share one per session), connect to ``RAY_ADDRESS``, or start
-    a local instance; shut down only what this call started."""
+    a local instance; shut down only what this call started.
+
+    The local dashboard listens on 127.0.0.1 only, on ``$WINNOW_DASHBOARD_PORT`` or a free
+    port (printed by Ray). Ray Train's placement-group cleaner needs the state API that the
+    dashboard serves; without it, it logs a warning every second."""
     if ray.is_initialized():
         yield
         return
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    # Our workers print their own progress lines; Ray Train's print patch would echo each twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     kwargs = dict(include_dashboard=dashboard, log_to_driver=True, configure_logging=True,
                   logging_level="WARNING")
     if not os.environ.get("RAY_ADDRESS"):
         kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=_local_temp_dir())
+        if dashboard:
+            port = int(os.environ.get("WINNOW_DASHBOARD_PORT") or _free_port())
+            kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
     ray.init(**kwargs)
     try:
         yield

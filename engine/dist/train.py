@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ def _train_loop(loop_cfg: dict) -> None:
     from engine.models import build_model
     from engine.train import evaluate, make_optimizer, seed_everything, shuffled_batches, train_epoch
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own line per epoch is enough
     cfg: TrainConfig = loop_cfg["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -77,6 +80,9 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
     (``ids``/``weight``) or the whole training split. Returns the last epoch's metrics plus
     wall time; the final weights are saved to ``{cfg.out}/model.pt``."""
     out = Path(cfg.out).resolve()
+    # Each run starts fresh: Ray Train would otherwise find the previous run's checkpoints
+    # under the same name (resuming an interrupted run is a separate, explicit feature).
+    shutil.rmtree(out / "ray_train", ignore_errors=True)
     threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.workers)
     trainer = TorchTrainer(
         _train_loop,
