@@ -36,3 +36,175 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy of the model's prediction, float32 [B] (nats)."""
     with eval_mode(model), torch.no_grad():
         return F.cross_entropy(model(x).float(), y, reduction="none")
+
+
+def _per_sample_ce_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of per-sample cross-entropies: in eval mode, its gradient with respect
+    to x_b is sample b's own input gradient."""
+    return F.cross_entropy(model(x).float(), y, reduction="sum")
+
+
+@SCORERS.register("grand")
+def grand(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """GraNd (Paul et al. 2021): exact ``||∇_θ CE(f(x), y)||_2`` over all trainable parameters,
+    per sample, float32 [B]. BatchNorm uses running statistics (eval mode), so each sample's
+    gradient is its own. Per-layer norms from activations and output gradients (see
+    ``engine.scores.pergrad``): one forward and one backward pass for the batch."""
+    from engine.scores.pergrad import per_sample_grad_sq_norms
+
+    with eval_mode(model), torch.enable_grad():
+        return per_sample_grad_sq_norms(model, x, y).sqrt().float()
+
+
+@SCORERS.register("gradnorm_init")
+def gradnorm_init(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """GraNd at initialisation, the input of GEDA (the thesis's G_{D_T}): the same number as
+    ``grand``; ``jobs.score`` always takes it on the epoch-0 (untrained) proxies."""
+    return grand(model, x, y)
+
+
+gradnorm_init.fixed_epochs = (0,)
+
+
+@SCORERS.register("grand_last")
+def grand_last(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The common last-layer approximation of GraNd: the gradient norm over the final Linear
+    layer's weight and bias only, ``||p - onehot(y)||_2 · sqrt(||h||² + 1)`` with h the
+    penultimate features. Registered under its own name; never substituted for ``grand``."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ValueError("grand_last needs a model whose output layer is nn.Linear")
+    feats = {}
+    handle = last[-1].register_forward_hook(lambda m, a, o: feats.__setitem__("h", a[0]))
+    try:
+        with eval_mode(model), torch.no_grad():
+            p = torch.softmax(model(x).float(), dim=1)
+    finally:
+        handle.remove()
+    err = (p - F.one_hot(y, p.shape[1]).to(p.dtype)).pow(2).sum(1)
+    h2 = feats["h"].float().flatten(1).pow(2).sum(1) + (1.0 if last[-1].bias is not None else 0.0)
+    return (err * h2).sqrt()
+
+
+@SCORERS.register("input_norm")
+def input_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``||x||_2`` of the (normalised) model input: the sanity baseline that GraNd at
+    initialisation is known to correlate with."""
+    return torch.linalg.vector_norm(x.flatten(1).float(), dim=1)
+
+
+def _input_grad(model: nn.Module, x: torch.Tensor, fn, create_graph: bool = False) -> torch.Tensor:
+    x = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(fn(model, x), x, create_graph=create_graph)
+    return g
+
+
+@SCORERS.register("curvature")
+def curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255,
+              direction: str = "sign", draws: int = 1, seed: int = 0) -> torch.Tensor:
+    """SLo-Curves input-loss curvature (Garg & Roy, CVPR 2023), float32 [B]:
+    ``||∇_x L(x + h·v) − ∇_x L(x)||_2`` with ``v = sign(∇_x L(x)) / ||sign(∇_x L(x))||_2``.
+
+    ``h = eps·sqrt(D)``, so every input coordinate moves by ``eps``: the per-pixel change of an
+    L∞ adversarial step, as the paper chooses h. ``eps`` is in the model's input units;
+    ``jobs.score`` passes ``(8/255)/std`` so that it is 8/255 in [0, 1] pixel units (the common
+    L∞ budget). No division by h: the score is the paper's ``Curv``, not a Hessian estimate.
+    ``direction="rademacher"`` averages the same difference over ``draws`` random ±1
+    directions (Hutchinson-style, the paper's ablation), seeded by ``seed``.
+    """
+    with eval_mode(model), torch.enable_grad():
+        g0 = _input_grad(model, x, lambda m, v: _per_sample_ce_sum(m, v, y))
+        d = g0[0].numel()
+        h = eps * d**0.5
+        if direction == "sign":
+            dirs = [torch.sign(g0)]
+        elif direction == "rademacher":
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            dirs = [(torch.randint(0, 2, g0.shape, generator=gen) * 2 - 1).to(g0) for _ in range(draws)]
+        else:
+            raise ValueError(f"curvature direction must be 'sign' or 'rademacher', got {direction!r}")
+        total = torch.zeros(len(x), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                            device=x.device)
+        for s in dirs:
+            norm = torch.linalg.vector_norm(s.flatten(1), dim=1).clamp_min(1e-12).view(-1, *[1] * (s.dim() - 1))
+            g1 = _input_grad(model, x.detach() + h * s / norm, lambda m, v: _per_sample_ce_sum(m, v, y))
+            total = total + torch.linalg.vector_norm((g1 - g0).flatten(1), dim=1).to(total.dtype)
+        return (total / len(dirs)).float()
+
+
+def _target_logit_sum(y: torch.Tensor):
+    """f(x) = the logit of the labelled class, summed over the batch (per-sample input
+    gradients and Hessian-vector products stay independent in eval mode)."""
+    return lambda m, v: m(v).float().gather(1, y.view(-1, 1)).sum()
+
+
+def geometry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iters: int = 10, hvp: str = "fd",
+             fd_step: float = 1e-3, eps: float = 1e-6, seed: int = 0) -> dict:
+    """LCNN model geometry per sample (Srinivas et al., NeurIPS 2022), for ``f(x)`` the
+    pre-softmax logit of the labelled class (the paper measures the network's logit; we use
+    the true class's so that the number does not depend on the prediction):
+
+    * ``grad_norm`` = ``||∇_x f(x)||_2``
+    * ``hessian_norm`` = ``||∇²_x f(x)||_2``, the spectral norm, by ``iters`` power iterations
+      on Hessian-vector products (start: ``_start_direction``);
+    * ``nc`` = ``hessian_norm / (grad_norm + eps)``.
+
+    ``hvp="fd"`` (default, faster: one gradient pass per iteration) uses the forward
+    difference ``(∇f(x + r·v) − ∇f(x)) / r`` with ``r = fd_step`` in input units (v has unit
+    norm); its error is O(r) (relative error about 1e-3 at the float32 default, below 1e-6
+    with r = 1e-7 in float64). ``hvp="exact"`` uses double backward. Note that a
+    ReLU network's exact Hessian is zero almost everywhere; finite differences see the kinks.
+    Returns float32 [B] tensors.
+    """
+    f = _target_logit_sum(y)
+    with eval_mode(model), torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(model, x), x, create_graph=hvp == "exact")
+        v = _start_direction(g.detach(), seed)
+        hv_norm = torch.zeros(len(x), dtype=x.dtype, device=x.device)
+        for _ in range(iters):
+            if hvp == "exact":
+                (hv,) = torch.autograd.grad(g, x, grad_outputs=v, retain_graph=True)
+            elif hvp == "fd":
+                hv = (_input_grad(model, x.detach() + fd_step * v, f) - g.detach()) / fd_step
+            else:
+                raise ValueError(f"hvp must be 'fd' or 'exact', got {hvp!r}")
+            n = _norm(hv)
+            hv_norm = n.flatten()
+            v = hv / n.clamp_min(1e-30)
+        grad_norm = torch.linalg.vector_norm(g.detach().flatten(1), dim=1)
+    return {"grad_norm": grad_norm.float(), "hessian_norm": hv_norm.detach().float(),
+            "nc": (hv_norm.detach() / (grad_norm + eps)).float()}
+
+
+def _start_direction(g: torch.Tensor, seed: int) -> torch.Tensor:
+    """Power-iteration start per sample: its gradient direction plus a small fixed random
+    pattern (the same for every sample, drawn from ``seed``), so the result of a finite
+    number of iterations depends only on the sample, never on its batch or position."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    pattern = torch.randn(g.shape[1:], generator=gen).to(g).unsqueeze(0)
+    gn = _norm(g)
+    v = g / gn.clamp_min(1e-30) + 0.1 * pattern / _norm(pattern)
+    return v / _norm(v)
+
+
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t.flatten(1), dim=1).view(-1, *[1] * (t.dim() - 1))
+
+
+@SCORERS.register("nc")
+def nc(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **params) -> torch.Tensor:
+    """LCNN normalized curvature ``||∇²f||_2 / (||∇f||_2 + eps)``; parameters of ``geometry``."""
+    return geometry(model, x, y, **params)["nc"]
+
+
+@SCORERS.register("grad_norm")
+def grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **params) -> torch.Tensor:
+    """``||∇_x f(x)||_2`` for f the labelled class's logit (one input-gradient pass)."""
+    return geometry(model, x, y, **{**params, "iters": 0})["grad_norm"]
+
+
+@SCORERS.register("hessian_norm")
+def hessian_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **params) -> torch.Tensor:
+    """``||∇²_x f(x)||_2`` by power iteration; parameters of ``geometry``."""
+    return geometry(model, x, y, **params)["hessian_norm"]
