@@ -7,7 +7,7 @@ rejects unknown keys. ``validate()`` raises ConfigError naming the field.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Tuple, Type, TypeVar
 
 from engine.errors import ConfigError
@@ -43,6 +43,7 @@ class ScoreConfig:
     actors: int = 1                    # scoring actors in the Ray Data pool
     gpus_per_actor: float = 0.0        # GPUs per scoring actor (fractions allowed)
     score_batch_size: int = 512        # rows per scoring batch
+    score_params: dict = field(default_factory=dict)  # {score: {param: value}}, e.g. {"nc": {"iters": 20}}
     optim: OptimConfig = OptimConfig()
     out: str = "runs/score"            # run directory
 

@@ -19,7 +19,8 @@ from engine import artifacts
 from engine.config import ScoreConfig, to_dict
 from engine.data import load_source
 from engine.models import check_model_name
-from engine.scores import HISTORY_SCORERS, SCORERS, parse_score_names
+from engine.scores import (HISTORY_SCORERS, SCORERS, check_params, data_defaults, parse_score_names,
+                           score_epochs_for)
 from engine.scores.aggregate import history_scores, mean_std_over_seeds, model_key
 from jobs._cli import Parser, add_optim_flags, entry, int_list, optim_from, output_dir
 
@@ -39,6 +40,9 @@ def build_parser() -> Parser:
     p.add_argument("--actors", type=int, default=d.actors, help="max scoring actors in the Ray Data pool")
     p.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPUs per scoring actor and proxy")
     p.add_argument("--score-batch-size", type=int, default=d.score_batch_size, help="rows per scoring batch")
+    p.add_argument("--score-params", type=parse_score_params, default={},
+                   help="scorer parameters, e.g. 'nc.iters=20,nc.hvp=exact,curvature.eps=0.1' "
+                        "(curvature.eps defaults to 8/255 in pixel units, divided by the data's std)")
     p.add_argument("--out", default=d.out, help="run directory; scores.parquet is written there")
     add_optim_flags(p)
     return p
@@ -49,9 +53,41 @@ def config_from(argv: Sequence[str]) -> ScoreConfig:
     cfg = ScoreConfig(data=args.data, model=args.model, scores=tuple(parse_score_names(args.scores)),
                       seeds=args.seeds, epochs=args.epochs, score_epochs=args.score_epochs, actors=args.actors,
                       gpus_per_actor=args.gpus_per_actor, score_batch_size=args.score_batch_size,
+                      score_params=check_params(args.score_params),
                       optim=optim_from(args), out=args.out)
     cfg.validate()
     return cfg
+
+
+def parse_score_params(text: str) -> dict:
+    """'nc.iters=20,curvature.eps=0.1' -> {"nc": {"iters": 20}, "curvature": {"eps": 0.1}}."""
+    import argparse
+
+    out: dict = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        key, sep, value = item.partition("=")
+        score, dot, name = key.partition(".")
+        if not sep or not dot or not score or not name:
+            raise argparse.ArgumentTypeError(f"expected SCORE.PARAM=VALUE, got {item!r}")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        out.setdefault(score, {})[name] = value
+    return out
+
+
+def scoring_plan(cfg: ScoreConfig, info) -> tuple:
+    """(epochs per model score, checkpoint epochs to keep, (score, key) pairs, params)."""
+    model_scores = [s for s in cfg.scores if s in SCORERS]
+    epochs = {s: score_epochs_for(s, cfg.model_score_epochs) for s in model_scores}
+    keep = tuple(sorted({e for es in epochs.values() for e in es}))
+    plan = [(s, model_key(seed, e)) for s in model_scores for seed in range(cfg.seeds) for e in epochs[s]]
+    std = sum(info.std) / len(info.std)
+    params = {s: {**data_defaults(s, std), **cfg.score_params.get(s, {})} for s in model_scores}
+    return epochs, keep, plan, {s: p for s, p in params.items() if p}
 
 
 def check_inputs(cfg: ScoreConfig):
@@ -66,24 +102,24 @@ def run_score(cfg: ScoreConfig) -> Path:
     """The job's stages; assumes a Ray session. Returns the path of scores.parquet."""
     from engine.dist.scoring import score_on_ray, train_proxies
 
-    check_inputs(cfg)
-    model_scores = [s for s in cfg.scores if s in SCORERS]
+    source = check_inputs(cfg)
+    epochs, keep, plan, params = scoring_plan(cfg, source.info())
     hist_scores = [s for s in cfg.scores if s in HISTORY_SCORERS]
     with output_dir(cfg.out) as out:
         t0 = time.time()
-        runs = train_proxies(cfg)
+        runs = train_proxies(cfg, keep)
         print(f"stage proxies: {cfg.seeds} proxies x {cfg.epochs} epochs in {time.time() - t0:.1f}s")
         ids, label, cols = _proxy_columns(cfg, runs, hist_scores)
-        if model_scores:
+        if plan:
             t0 = time.time()
             states = {model_key(r.seed, e): s for r in runs for e, s in r.states.items()}
-            scored = score_on_ray(cfg, states, model_scores)
+            scored = score_on_ray(cfg, states, plan, params)
             _check_same_ids(ids, scored["sample_id"])
             label = scored["label"]
-            cols.update(mean_std_over_seeds(scored, model_scores, [r.seed for r in runs], cfg.model_score_epochs))
-            print(f"stage scoring: {len(ids)} samples x {len(states)} checkpoints in {time.time() - t0:.1f}s")
+            cols.update(mean_std_over_seeds(scored, epochs, [r.seed for r in runs]))
+            print(f"stage scoring: {len(ids)} samples, {len(plan)} (score, checkpoint) pairs in {time.time() - t0:.1f}s")
         path = out / "scores.parquet"
-        _write(path, cfg, ids, label, cols, runs)
+        _write(path, cfg, ids, label, cols, runs, epochs, params)
     print(f"wrote {path}: {len(ids)} rows, columns {', '.join(cols)}")
     return path
 
@@ -106,12 +142,12 @@ def _check_same_ids(expected: np.ndarray, got: np.ndarray) -> None:
         raise RuntimeError("Ray Data scoring returned a different set of sample ids than the training split")
 
 
-def _write(path: Path, cfg: ScoreConfig, ids, label, cols: dict, runs) -> None:
+def _write(path: Path, cfg: ScoreConfig, ids, label, cols: dict, runs, epochs: dict, params: dict) -> None:
     table = pa.table({"sample_id": pa.array(ids.astype(np.int64)), "label": pa.array(label.astype(np.int64)),
                       **{k: pa.array(v.astype(np.float32)) for k, v in cols.items()}})
     meta = {"kind": "scores", "config": to_dict(cfg), "seeds": [r.seed for r in runs],
-            "score_epochs": {s: (list(cfg.model_score_epochs) if s in SCORERS else "history")
-                             for s in cfg.scores},
+            "score_epochs": {s: (list(epochs[s]) if s in SCORERS else "history") for s in cfg.scores},
+            "score_params": params,
             "proxy_train_loss": {r.seed: r.train_loss for r in runs},
             "model": cfg.model, "data": cfg.data, "environment": artifacts.environment()}
     artifacts.write_table(path, table, meta)

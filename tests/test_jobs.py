@@ -53,6 +53,9 @@ def write_scores(path: Path, n=60, classes=3, nan_at=None, dup=False):
     (["--data", "parquet:/nonexistent/x.parquet"], "does not exist"),
     (["--data", "synthetic:12,3"], "synthetic spec must be"),
     (["--score-epochs", "9"], "outside 0..epochs"),
+    (["--score-params", "nc.bogus=1"], "score 'nc' has no parameter 'bogus'"),
+    (["--score-params", "el2n"], "expected SCORE.PARAM=VALUE"),
+    (["--score-params", "forgetting.x=1"], "'forgetting' is not a model score"),
 ])
 def test_score_refuses_bad_input(run_job, tmp_path, argv, pattern):
     out = tmp_path / "run"
@@ -175,14 +178,16 @@ def test_ray_data_scoring_equals_direct(ray_local):
         torch.manual_seed(seed)
         states[f"s{seed}_e0"] = build_model("small-cnn", 1, 10, 8).state_dict()
     cfg = ScoreConfig(data="digits", score_batch_size=128, actors=2)
-    got = score_on_ray(cfg, states, ["el2n", "loss"])
+    plan = [(name, key) for name in ("el2n", "grand", "curvature") for key in states]
+    params = {"curvature": {"eps": 0.1}}
+    got = score_on_ray(cfg, states, plan, params)
     models = {}
     for key, state in states.items():
         m = build_model("small-cnn", 1, 10, 8)
         m.load_state_dict(state)
         models[key] = m.eval()
     direct = score_batch(models, batch_to_input(rows.image, info, torch.device("cpu")),
-                         torch.as_tensor(rows.label), ["el2n", "loss"])
+                         torch.as_tensor(rows.label), plan, params)
     order = np.argsort(rows.sample_id)
     np.testing.assert_array_equal(got["sample_id"], rows.sample_id[order])
     for key, v in direct.items():
@@ -245,3 +250,21 @@ def test_pipeline_smoke_end_to_end(ray_local, run_job, tmp_path):
     assert rows[0]["test_accuracy"] > 0.3  # one epoch on all data; chance is 0.1
     assert "| full | 1.00 | 6000 |" in stdout and (out / "results.md").is_file()
     assert (out / "score" / "scores.parquet").is_file() and len(list((out / "select").glob("*.parquet"))) == 2
+
+
+def test_score_epochs_and_fixed_epoch_scorers(ray_local, run_job, tmp_path):
+    run = tmp_path / "score"
+    code, out, err = run_job(score, ["--data", "digits", "--scores", "el2n,gradnorm_init,curvature,forgetting",
+                                     "--seeds", "1", "--epochs", "2", "--score-epochs", "0,2",
+                                     "--score-params", "curvature.eps=0.05", "--out", run])
+    assert code == 0, err
+    table = pq.read_table(run / "scores.parquet")
+    cols = set(table.column_names)
+    assert {"el2n_e0", "el2n_e2", "curvature_e0", "curvature_e2", "gradnorm_init", "forgetting"} <= cols
+    assert "gradnorm_init_e2" not in cols
+    meta = json.loads(table.schema.metadata[b"winnow"])
+    assert meta["score_epochs"] == {"el2n": [0, 2], "gradnorm_init": [0], "curvature": [0, 2], "forgetting": "history"}
+    assert meta["score_params"]["curvature"] == {"eps": 0.05}
+    # at init every sample is about equally wrong; training separates them
+    e0, e2 = table.column("el2n_e0").to_numpy(), table.column("el2n_e2").to_numpy()
+    assert e2.mean() < e0.mean()

@@ -66,7 +66,7 @@ def test_forgetting_counts_transitions_and_ranks_never_learned_highest():
 
 def test_aggregation_mean_and_std():
     per = {"el2n@s0_e3": np.array([1.0, 2.0], np.float32), "el2n@s1_e3": np.array([3.0, 2.0], np.float32)}
-    out = mean_std_over_seeds(per, ["el2n"], [0, 1], (3,))
+    out = mean_std_over_seeds(per, {"el2n": (3,)}, [0, 1])
     np.testing.assert_allclose(out["el2n"], [2.0, 2.0])
     np.testing.assert_allclose(out["el2n_std"], [1.0, 0.0])
     hist = history_scores({0: np.array([[1], [0]], bool), 1: np.array([[1], [1]], bool)}, ["forgetting"])
@@ -75,8 +75,8 @@ def test_aggregation_mean_and_std():
 
 def test_score_batch_keys():
     model, (x, y) = tiny_model(), batch()
-    out = score_batch({"s0_e1": model}, x, y, ["el2n", "loss"])
-    assert sorted(out) == ["el2n@s0_e1", "loss@s0_e1"]
+    out = score_batch({"s0_e1": model, "s0_e0": model}, x, y, [("el2n", "s0_e1"), ("loss", "s0_e0")])
+    assert sorted(out) == ["el2n@s0_e1", "loss@s0_e0"]
 
 
 def test_parse_score_names_errors():

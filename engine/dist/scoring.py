@@ -13,7 +13,7 @@ from engine.errors import DataError
 
 
 @ray.remote
-def _train_proxy(cfg: ScoreConfig, seed: int):
+def _train_proxy(cfg: ScoreConfig, seed: int, checkpoint_epochs: tuple):
     """One proxy run inside a Ray task (pure ``fit_proxy``; data loaded where it runs)."""
     import torch
 
@@ -24,14 +24,14 @@ def _train_proxy(cfg: ScoreConfig, seed: int):
     split = source.arrays("train")
     device = pick_device(cfg.gpus_per_actor)
     return fit_proxy(split, source.info(), cfg.model, cfg.optim, cfg.epochs, seed,
-                     cfg.model_score_epochs, device)
+                     checkpoint_epochs, device)
 
 
-def train_proxies(cfg: ScoreConfig) -> list:
-    """Train seeds 0..S-1 concurrently as Ray tasks (1 CPU each, or a GPU share); returns
-    ``ProxyRun``s in seed order."""
+def train_proxies(cfg: ScoreConfig, checkpoint_epochs: tuple) -> list:
+    """Train seeds 0..S-1 concurrently as Ray tasks (1 CPU each, or a GPU share), keeping
+    weights at ``checkpoint_epochs`` (0 = init); returns ``ProxyRun``s in seed order."""
     opts = {"num_cpus": 1, "num_gpus": cfg.gpus_per_actor or 0}
-    refs = [_train_proxy.options(**opts).remote(cfg, seed) for seed in range(cfg.seeds)]
+    refs = [_train_proxy.options(**opts).remote(cfg, seed, tuple(checkpoint_epochs)) for seed in range(cfg.seeds)]
     return ray.get(refs)
 
 
@@ -39,14 +39,14 @@ class ScoringActor:
     """Callable class for ``map_batches``: models built and loaded once in ``__init__``, every
     requested score for every checkpoint computed per batch."""
 
-    def __init__(self, model_name: str, info, states_ref: list, score_names: List[str], gpus: float):
+    def __init__(self, model_name: str, info, states_ref: list, plan: List[tuple], params: dict, gpus: float):
         import torch
 
         from engine.models import build_model
         from engine.train import pick_device
 
         self.device = pick_device(gpus)
-        self.info, self.names = info, list(score_names)
+        self.info, self.plan, self.params = info, list(plan), params
         states = ray.get(states_ref[0])
         self.models = {}
         for key, state in states.items():
@@ -64,13 +64,14 @@ class ScoringActor:
         x = batch_to_input(batch["image"], self.info, self.device)
         y = torch.as_tensor(batch["label"], device=self.device)
         out = {"sample_id": batch["sample_id"], "label": batch["label"]}
-        out.update(score_batch(self.models, x, y, self.names))
+        out.update(score_batch(self.models, x, y, self.plan, self.params))
         return out
 
 
-def score_on_ray(cfg: ScoreConfig, states: Dict[str, dict], model_scores: List[str]) -> Dict[str, np.ndarray]:
-    """Score every training sample with every checkpoint in ``states`` ({key: state_dict})
-    through a Ray Data actor pool. Returns numpy columns sorted by sample_id, after checking
+def score_on_ray(cfg: ScoreConfig, states: Dict[str, dict], plan: List[tuple],
+                 params: Dict[str, dict]) -> Dict[str, np.ndarray]:
+    """Score every training sample by the ``(score, checkpoint key)`` pairs of ``plan`` with
+    the checkpoints in ``states`` ({key: state_dict}) through a Ray Data actor pool. Returns numpy columns sorted by sample_id, after checking
     that each training id came back exactly once and no score is NaN."""
     from engine.dist.datasource import read_source
 
@@ -79,7 +80,7 @@ def score_on_ray(cfg: ScoreConfig, states: Dict[str, dict], model_scores: List[s
     ds = ds.map_batches(
         ScoringActor,
         fn_constructor_kwargs=dict(model_name=cfg.model, info=source.info(), states_ref=[ray.put(states)],
-                                   score_names=model_scores, gpus=cfg.gpus_per_actor),
+                                   plan=plan, params=params, gpus=cfg.gpus_per_actor),
         batch_size=cfg.score_batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),

@@ -39,12 +39,47 @@ def parse_score_names(text: str | Sequence[str]) -> list[str]:
     return names
 
 
-def score_batch(models: dict, x, y, names: Sequence[str]) -> dict:
-    """Every model scorer in ``names`` for every model in ``models`` ({key: nn.Module}) on one
-    batch. Returns {f"{name}@{key}": float32 numpy [B]}. The same function runs in unit tests
-    and inside the Ray Data scoring actors, so both paths give equal numbers."""
+def score_epochs_for(name: str, default_epochs: Sequence[int]) -> tuple:
+    """Proxy epochs at which model score ``name`` is taken: its own fixed epochs (e.g.
+    ``gradnorm_init`` at 0) or the job's ``--score-epochs``."""
+    return tuple(getattr(SCORERS[name], "fixed_epochs", None) or default_epochs)
+
+
+def data_defaults(name: str, mean_std: Sequence[float]) -> dict:
+    """Parameter defaults that depend on the data's normalisation: curvature's per-coordinate
+    step is 8/255 in [0, 1] pixel units, i.e. (8/255)/std in the model's input units."""
+    if name == "curvature":
+        return {"eps": (8 / 255) / float(mean_std)}
+    return {}
+
+
+def check_params(params: dict) -> dict:
+    """{score: {param: value}} -> the same, after checking each score takes each parameter."""
+    import inspect
+
+    for name, kw in params.items():
+        if name not in SCORERS:
+            raise ConfigError(f"--score-params: {name!r} is not a model score; known: {', '.join(SCORERS.names())}")
+        sig = inspect.signature(SCORERS[name])
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+        known = [p for p in sig.parameters if sig.parameters[p].kind is inspect.Parameter.KEYWORD_ONLY]
+        if accepts_any:  # nc & co. forward to geometry()
+            from engine.scores.model_scores import geometry
+
+            known = [p for p in inspect.signature(geometry).parameters if p not in ("model", "x", "y")]
+        for k in kw:
+            if k not in known:
+                raise ConfigError(f"--score-params: score {name!r} has no parameter {k!r}; it has {known}")
+    return params
+
+
+def score_batch(models: dict, x, y, plan: Sequence[tuple], params: dict | None = None) -> dict:
+    """Run a scoring plan on one batch: ``plan`` lists ``(score name, model key)`` pairs,
+    ``models`` maps keys to modules, ``params`` maps score names to keyword arguments.
+    Returns {f"{name}@{key}": float32 numpy [B]}. The same function runs in unit tests and
+    inside the Ray Data scoring actors, so both paths give equal numbers."""
+    params = params or {}
     out = {}
-    for key, model in models.items():
-        for name in names:
-            out[f"{name}@{key}"] = SCORERS[name](model, x, y).detach().float().cpu().numpy()
+    for name, key in plan:
+        out[f"{name}@{key}"] = SCORERS[name](models[key], x, y, **params.get(name, {})).detach().float().cpu().numpy()
     return out

@@ -14,20 +14,21 @@ def model_key(seed: int, epoch: int) -> str:
 
 
 def column_name(score: str, epoch: int, epochs: tuple[int, ...]) -> str:
-    """``el2n`` when scores are taken at one epoch, ``el2n_e10`` when at several."""
+    """``el2n`` when a score is taken at one epoch, ``el2n_e10`` when at several."""
     return score if len(epochs) == 1 else f"{score}_e{epoch}"
 
 
-def mean_std_over_seeds(per_model: dict, scores: list[str], seeds: list[int], epochs: tuple[int, ...]) -> dict:
+def mean_std_over_seeds(per_model: dict, epochs_by_score: dict, seeds: list[int]) -> dict:
     """{"el2n@s0_e4": [N], "el2n@s1_e4": [N]} -> {"el2n": mean [N], "el2n_std": std [N]}.
 
-    The std is the population std over seeds (0 with one seed), float32.
+    ``epochs_by_score``: {score: epochs it was taken at}. The std is the population std over
+    seeds (0 with one seed), float32.
     """
     out = {}
-    for score in scores:
+    for score, epochs in epochs_by_score.items():
         for epoch in epochs:
             stack = np.stack([per_model[f"{score}@{model_key(s, epoch)}"] for s in seeds]).astype(np.float64)
-            name = column_name(score, epoch, epochs)
+            name = column_name(score, epoch, tuple(epochs))
             out[name] = stack.mean(0).astype(np.float32)
             out[f"{name}_std"] = stack.std(0).astype(np.float32)
     return out
