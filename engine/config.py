@@ -44,6 +44,7 @@ class ScoreConfig:
     gpus_per_actor: float = 0.0        # GPUs per scoring actor (fractions allowed)
     score_batch_size: int = 512        # rows per scoring batch
     score_params: dict = field(default_factory=dict)  # {score: {param: value}}, e.g. {"nc": {"iters": 20}}
+    embedding_dim: int = 0             # >0: also write embeddings.parquet (last-layer gradients, seed 0, last epoch)
     optim: OptimConfig = OptimConfig()
     out: str = "runs/score"            # run directory
 

@@ -43,6 +43,9 @@ def build_parser() -> Parser:
     p.add_argument("--score-params", type=parse_score_params, default={},
                    help="scorer parameters, e.g. 'nc.iters=20,nc.hvp=exact,curvature.eps=0.1' "
                         "(curvature.eps defaults to 8/255 in pixel units, divided by the data's std)")
+    p.add_argument("--embeddings", type=int, default=0, metavar="DIM",
+                   help="also write embeddings.parquet: last-layer gradient embeddings (<= DIM dims) of seed 0's "
+                        "final proxy, for the craig and gradmatch selectors (e.g. 512)")
     p.add_argument("--out", default=d.out, help="run directory; scores.parquet is written there")
     add_optim_flags(p)
     return p
@@ -53,7 +56,7 @@ def config_from(argv: Sequence[str]) -> ScoreConfig:
     cfg = ScoreConfig(data=args.data, model=args.model, scores=tuple(parse_score_names(args.scores)),
                       seeds=args.seeds, epochs=args.epochs, score_epochs=args.score_epochs, actors=args.actors,
                       gpus_per_actor=args.gpus_per_actor, score_batch_size=args.score_batch_size,
-                      score_params=check_params(args.score_params),
+                      score_params=check_params(args.score_params), embedding_dim=args.embeddings,
                       optim=optim_from(args), out=args.out)
     cfg.validate()
     return cfg
@@ -104,16 +107,20 @@ def run_score(cfg: ScoreConfig) -> Path:
 
     source = check_inputs(cfg)
     epochs, keep, plan, params = scoring_plan(cfg, source.info())
+    embed = (model_key(0, cfg.epochs), cfg.embedding_dim) if cfg.embedding_dim > 0 else None
+    keep = tuple(sorted(set(keep) | ({cfg.epochs} if embed else set())))
     hist_scores = [s for s in cfg.scores if s in HISTORY_SCORERS]
     with output_dir(cfg.out) as out:
         t0 = time.time()
         runs = train_proxies(cfg, keep)
         print(f"stage proxies: {cfg.seeds} proxies x {cfg.epochs} epochs in {time.time() - t0:.1f}s")
         ids, label, cols = _proxy_columns(cfg, runs, hist_scores)
-        if plan:
+        if plan or embed:
             t0 = time.time()
             states = {model_key(r.seed, e): s for r in runs for e, s in r.states.items()}
-            scored = score_on_ray(cfg, states, plan, params)
+            scored = score_on_ray(cfg, states, plan, params, embed)
+            if embed:
+                _write_embeddings(out / "embeddings.parquet", scored, cfg)
             _check_same_ids(ids, scored["sample_id"])
             label = scored["label"]
             cols.update(mean_std_over_seeds(scored, epochs, [r.seed for r in runs]))
@@ -140,6 +147,16 @@ def _proxy_columns(cfg: ScoreConfig, runs, hist_scores):
 def _check_same_ids(expected: np.ndarray, got: np.ndarray) -> None:
     if not np.array_equal(expected, got):
         raise RuntimeError("Ray Data scoring returned a different set of sample ids than the training split")
+
+
+def _write_embeddings(path: Path, scored: dict, cfg: ScoreConfig) -> None:
+    emb = scored.pop("grad_embedding").astype(np.float32)
+    col = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1])
+    table = pa.table({"sample_id": pa.array(scored["sample_id"].astype(np.int64)), "grad_embedding": col})
+    artifacts.write_table(path, table, {"kind": "embeddings", "model": cfg.model, "seed": 0, "epoch": cfg.epochs,
+                                        "dim": int(emb.shape[1]), "config": to_dict(cfg),
+                                        "environment": artifacts.environment()})
+    print(f"wrote {path}: {emb.shape[0]} x {emb.shape[1]} last-layer gradient embeddings")
 
 
 def _write(path: Path, cfg: ScoreConfig, ids, label, cols: dict, runs, epochs: dict, params: dict) -> None:

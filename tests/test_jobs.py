@@ -268,3 +268,41 @@ def test_score_epochs_and_fixed_epoch_scorers(ray_local, run_job, tmp_path):
     # at init every sample is about equally wrong; training separates them
     e0, e2 = table.column("el2n_e0").to_numpy(), table.column("el2n_e2").to_numpy()
     assert e2.mean() < e0.mean()
+
+
+def test_embeddings_then_craig_gradmatch_geda(ray_local, run_job, tmp_path):
+    run = tmp_path / "score"
+    code, _, err = run_job(score, ["--data", "digits", "--scores", "gradnorm_init", "--seeds", "1", "--epochs", "1",
+                                   "--embeddings", "64", "--out", run])
+    assert code == 0, err
+    emb = pq.read_table(run / "embeddings.parquet")
+    assert emb.num_rows == 1438 and emb.schema.field("grad_embedding").type.list_size <= 64
+    for selector, extra in (("craig", []), ("gradmatch", ["--lam", "0.5"]), ("geda", ["--solver", "highs"]),
+                            ("geda", []), ("random_quantile", ["--column", "gradnorm_init"]),
+                            ("evenly_spaced", ["--column", "gradnorm_init"])):
+        out = tmp_path / f"{selector}-{len(extra)}.parquet"
+        code, _, err = run_job(select, ["--scores", run / "scores.parquet", "--selector", selector,
+                                        "--fraction", "0.2", "--out", out, *extra])
+        assert code == 0, (selector, err)
+        ids, weight, meta = artifacts.read_manifest(out)
+        assert len(ids) == 288, selector
+        if selector == "craig":
+            assert weight.sum() == pytest.approx(1438)
+        if selector == "geda":
+            statuses = {c["status"] for c in meta["info"]["classes"].values()}
+            assert statuses == {"optimal"} and meta["params"]["solver"] in ("exact", "highs")
+    geda_highs = artifacts.read_manifest(tmp_path / "geda-2.parquet")[2]["info"]["classes"]
+    geda_exact = artifacts.read_manifest(tmp_path / "geda-0.parquet")[2]["info"]["classes"]
+    for c in geda_exact:
+        assert geda_exact[c]["objective"] == pytest.approx(geda_highs[c]["objective"], abs=1e-9)
+
+
+def test_select_refuses_missing_embeddings_and_bad_solver(run_job, tmp_path):
+    scores = write_scores(tmp_path / "s.parquet")
+    code, _, err = run_job(select, ["--scores", scores, "--selector", "craig", "--fraction", "0.5",
+                                    "--out", tmp_path / "m.parquet"])
+    one_line_error(code, err, "embeddings file")
+    code, _, err = run_job(select, ["--scores", scores, "--selector", "geda", "--column", "el2n", "--solver", "nope",
+                                    "--fraction", "0.5", "--out", tmp_path / "m.parquet"])
+    one_line_error(code, err, "--solver must be one of")
+    assert not (tmp_path / "m.parquet").exists()

@@ -11,6 +11,10 @@ from engine.select import SELECTORS, class_quotas
 from engine.select.quota import total_quota
 
 
+EMBEDDING_SELECTORS = {"craig", "gradmatch"}
+WEIGHTED = {"craig", "gradmatch"}
+
+
 def table(n_per_class=(50, 30, 17), seed=0):
     rng = np.random.default_rng(seed)
     labels = np.concatenate([np.full(n, c) for c, n in enumerate(n_per_class)]).astype(np.int64)
@@ -18,13 +22,23 @@ def table(n_per_class=(50, 30, 17), seed=0):
     return rng.normal(size=len(labels)), labels[perm]
 
 
+def inputs_for(name, scores, labels, dim=6):
+    """Scores for score-ranking selectors, [N, d] embeddings for CRAIG / GRAD-MATCH."""
+    if name in EMBEDDING_SELECTORS:
+        rng = np.random.default_rng(7)
+        return rng.normal(size=(len(labels), dim)) + labels[:, None] + scores[:, None]
+    return scores
+
+
 @pytest.mark.parametrize("name", SELECTORS.names())
 @pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5, 1.0])
 def test_sizes_uniqueness_determinism(name, fraction):
     scores, labels = table()
+    scores = inputs_for(name, scores, labels)
     a = SELECTORS[name](scores, labels, fraction, seed=3)
     b = SELECTORS[name](scores, labels, fraction, seed=3)
     np.testing.assert_array_equal(a.index, b.index)
+    np.testing.assert_array_equal(a.weight, b.weight)
     assert len(np.unique(a.index)) == len(a.index)
     assert a.index.min() >= 0 and a.index.max() < len(labels)
     assert len(a.index) == total_quota(len(labels), fraction)
@@ -32,7 +46,9 @@ def test_sizes_uniqueness_determinism(name, fraction):
         n_c = (labels == c).sum()
         k_c = (labels[a.index] == c).sum()
         assert abs(k_c - fraction * n_c) <= 1, (c, k_c, n_c)
-    np.testing.assert_array_equal(a.weight, np.ones(len(a.index)))
+    assert a.weight.shape == a.index.shape and np.all(a.weight >= 0)
+    if name not in WEIGHTED:
+        np.testing.assert_array_equal(a.weight, np.ones(len(a.index)))
 
 
 def test_random_depends_on_seed():

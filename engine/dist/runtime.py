@@ -57,3 +57,16 @@ def cluster_cpus() -> int:
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def ray_running() -> bool:
+    return ray.is_initialized()
+
+
+def task_map(fn, items):
+    """``map(fn, items)`` as Ray tasks (1 CPU each), results in order; connects to
+    ``RAY_ADDRESS`` if Ray is not initialised yet in this process."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+    remote = ray.remote(num_cpus=1)(fn)
+    return ray.get([remote.remote(item) for item in items])

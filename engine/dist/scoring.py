@@ -39,7 +39,8 @@ class ScoringActor:
     """Callable class for ``map_batches``: models built and loaded once in ``__init__``, every
     requested score for every checkpoint computed per batch."""
 
-    def __init__(self, model_name: str, info, states_ref: list, plan: List[tuple], params: dict, gpus: float):
+    def __init__(self, model_name: str, info, states_ref: list, plan: List[tuple], params: dict, gpus: float,
+                 embed: tuple | None = None):
         import torch
 
         from engine.models import build_model
@@ -47,6 +48,7 @@ class ScoringActor:
 
         self.device = pick_device(gpus)
         self.info, self.plan, self.params = info, list(plan), params
+        self.embed = embed  # (checkpoint key, dim) for gradient embeddings, or None
         states = ray.get(states_ref[0])
         self.models = {}
         for key, state in states.items():
@@ -65,11 +67,16 @@ class ScoringActor:
         y = torch.as_tensor(batch["label"], device=self.device)
         out = {"sample_id": batch["sample_id"], "label": batch["label"]}
         out.update(score_batch(self.models, x, y, self.plan, self.params))
+        if self.embed:
+            from engine.scores.embeddings import grad_embedding
+
+            key, dim = self.embed
+            out["grad_embedding"] = grad_embedding(self.models[key], x, y, dim).cpu().numpy()
         return out
 
 
 def score_on_ray(cfg: ScoreConfig, states: Dict[str, dict], plan: List[tuple],
-                 params: Dict[str, dict]) -> Dict[str, np.ndarray]:
+                 params: Dict[str, dict], embed: tuple | None = None) -> Dict[str, np.ndarray]:
     """Score every training sample by the ``(score, checkpoint key)`` pairs of ``plan`` with
     the checkpoints in ``states`` ({key: state_dict}) through a Ray Data actor pool. Returns numpy columns sorted by sample_id, after checking
     that each training id came back exactly once and no score is NaN."""
@@ -80,7 +87,7 @@ def score_on_ray(cfg: ScoreConfig, states: Dict[str, dict], plan: List[tuple],
     ds = ds.map_batches(
         ScoringActor,
         fn_constructor_kwargs=dict(model_name=cfg.model, info=source.info(), states_ref=[ray.put(states)],
-                                   plan=plan, params=params, gpus=cfg.gpus_per_actor),
+                                   plan=plan, params=params, gpus=cfg.gpus_per_actor, embed=embed),
         batch_size=cfg.score_batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),

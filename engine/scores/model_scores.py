@@ -66,14 +66,12 @@ def gradnorm_init(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 gradnorm_init.fixed_epochs = (0,)
 
 
-@SCORERS.register("grand_last")
-def grand_last(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The common last-layer approximation of GraNd: the gradient norm over the final Linear
-    layer's weight and bias only, ``||p - onehot(y)||_2 · sqrt(||h||² + 1)`` with h the
-    penultimate features. Registered under its own name; never substituted for ``grand``."""
+def probs_and_features(model: nn.Module, x: torch.Tensor, who: str):
+    """One eval-mode, no-grad forward pass: float32 softmax probabilities [B, C], the final
+    nn.Linear layer's float32 input features [B, d] and whether that layer has a bias."""
     last = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not last:
-        raise ValueError("grand_last needs a model whose output layer is nn.Linear")
+        raise ValueError(f"{who} needs a model whose output layer is nn.Linear")
     feats = {}
     handle = last[-1].register_forward_hook(lambda m, a, o: feats.__setitem__("h", a[0]))
     try:
@@ -81,8 +79,17 @@ def grand_last(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
             p = torch.softmax(model(x).float(), dim=1)
     finally:
         handle.remove()
+    return p, feats["h"].float().flatten(1), last[-1].bias is not None
+
+
+@SCORERS.register("grand_last")
+def grand_last(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The common last-layer approximation of GraNd: the gradient norm over the final Linear
+    layer's weight and bias only, ``||p - onehot(y)||_2 · sqrt(||h||² + 1)`` with h the
+    penultimate features. Registered under its own name; never substituted for ``grand``."""
+    p, h, has_bias = probs_and_features(model, x, "grand_last")
     err = (p - F.one_hot(y, p.shape[1]).to(p.dtype)).pow(2).sum(1)
-    h2 = feats["h"].float().flatten(1).pow(2).sum(1) + (1.0 if last[-1].bias is not None else 0.0)
+    h2 = h.pow(2).sum(1) + (1.0 if has_bias else 0.0)
     return (err * h2).sqrt()
 
 

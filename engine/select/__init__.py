@@ -33,5 +33,7 @@ class Selection:
 
 from engine.select.quota import class_quotas, total_quota  # noqa: E402
 from engine.select import basic as _basic  # noqa: E402,F401  (fills SELECTORS)
+from engine.select import geda_selector as _geda  # noqa: E402,F401
+from engine.select import coreset as _coreset  # noqa: E402,F401
 
 __all__ = ["SELECTORS", "Selection", "class_quotas", "total_quota"]

@@ -13,13 +13,15 @@ from engine.select.quota import check_fraction, class_quotas
 ClassPicker = Callable[[Optional[np.ndarray], int, int, np.random.Generator], np.ndarray]
 
 
-def check_scores(scores: Optional[np.ndarray], labels: np.ndarray, name: str) -> np.ndarray:
-    """Validate a score vector for selector ``name``: present, finite, aligned with labels."""
+def check_scores(scores: Optional[np.ndarray], labels: np.ndarray, name: str, matrix: bool = False) -> np.ndarray:
+    """Validate a score vector for selector ``name``: present, finite, aligned with labels.
+    With ``matrix=True`` the scores are per-sample embeddings [N, d]."""
     if scores is None:
         raise ConfigError(f"selector {name!r} ranks by a score column: pass --column")
     scores = np.asarray(scores, dtype=np.float64)
-    if scores.shape != labels.shape:
-        raise DataError(f"scores have shape {scores.shape} but labels {labels.shape}")
+    if scores.shape[:1] != labels.shape or scores.ndim != (2 if matrix else 1):
+        want = "[N, d] embeddings" if matrix else "one score per row"
+        raise DataError(f"selector {name!r} needs {want}; got shape {scores.shape} for {labels.shape[0]} rows")
     bad = ~np.isfinite(scores)
     if bad.any():
         raise DataError(f"{int(bad.sum())} score(s) are NaN or infinite (first at row {int(np.flatnonzero(bad)[0])})")
@@ -27,24 +29,42 @@ def check_scores(scores: Optional[np.ndarray], labels: np.ndarray, name: str) ->
 
 
 def per_class(
-    scores: Optional[np.ndarray], labels: np.ndarray, fraction: float, seed: int, pick: ClassPicker
+    scores: Optional[np.ndarray], labels: np.ndarray, fraction: float, seed: int, pick: ClassPicker,
+    mapper: Callable = map,
 ) -> Selection:
     """Apply ``pick`` to each class with its quota; class c draws from rng([seed, c]) so a
-    class's choice does not depend on the other classes."""
+    class's choice does not depend on the other classes. ``pick`` returns positions, or
+    (positions, info dict) to record per-class details (e.g. a solver's status).
+    ``mapper`` (default the builtin ``map``) may run the classes in parallel, e.g. as Ray tasks."""
     labels = np.asarray(labels, dtype=np.int64)
     if labels.size == 0:
         raise DataError("the score table has no rows")
     classes, counts = np.unique(labels, return_counts=True)
     quotas = class_quotas(counts, fraction)
-    chosen = []
-    for c, k in zip(classes, quotas):
-        members = np.flatnonzero(labels == c)
-        rng = np.random.default_rng([int(seed), int(c)])
-        local = pick(None if scores is None else scores[members], len(members), int(k), rng)
-        chosen.append(members[np.asarray(local, dtype=np.int64)])
-    index = np.sort(np.concatenate(chosen))
+    # one stable sort instead of a scan of all rows per class (1,000 classes x 1.28M rows)
+    members = np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1])
+    jobs = [(pick, None if scores is None else scores[m], len(m), int(k), int(seed), int(c))
+            for m, k, c in zip(members, quotas, classes)]
+    results = list(mapper(_run_pick, jobs))
+    chosen, weights, details = [], [], {}
+    for m, c, res in zip(members, classes, results):
+        local, info, w = (tuple(res) + (None, None))[:3] if isinstance(res, tuple) else (res, None, None)
+        local = np.asarray(local, dtype=np.int64)
+        chosen.append(m[local])
+        weights.append(np.ones(len(local)) if w is None else np.asarray(w, dtype=np.float64))
+        if info is not None:
+            details[int(c)] = info
+    index = np.concatenate(chosen)
+    order = np.argsort(index, kind="stable")
     info = {"quota": {int(c): int(k) for c, k in zip(classes, quotas)}}
-    return Selection(index=index, weight=np.ones(len(index)), info=info)
+    if details:
+        info["classes"] = details
+    return Selection(index=index[order], weight=np.concatenate(weights)[order], info=info)
+
+
+def _run_pick(job):
+    pick, s, n, k, seed, c = job
+    return pick(s, n, k, np.random.default_rng([seed, c]))
 
 
 def ranked(scores: np.ndarray, descending: bool) -> np.ndarray:
@@ -97,3 +117,36 @@ def _check_offset(offset: float, fraction: float) -> float:
 def _no_params(name: str, params: dict) -> None:
     if params:
         raise ConfigError(f"selector {name!r} takes no parameter(s) {sorted(params)}")
+
+
+@SELECTORS.register("evenly_spaced")
+def evenly_spaced(scores, labels, fraction, *, seed: int = 0, **params) -> Selection:
+    """GEDA thesis §5.3 baseline: per class, every j-th sample of the ranking by score (the
+    centres of k_c equal slices of the sorted class), ties in input order."""
+    from engine.select.geda import spread
+
+    _no_params("evenly_spaced", params)
+    scores = check_scores(scores, labels, "evenly_spaced")
+    return per_class(scores, labels, fraction, seed, lambda s, n, k, rng: ranked(s, False)[spread(n, k)])
+
+
+@SELECTORS.register("random_quantile")
+def random_quantile(scores, labels, fraction, *, seed: int = 0, quantiles: int = 4, **params) -> Selection:
+    """GEDA thesis §5.3 baseline: per class, split the ranking by score into ``quantiles``
+    equal groups (quartiles by default) and draw uniformly within each, the class's quota
+    apportioned to the groups by size (largest remainder)."""
+    _no_params("random_quantile", params)
+    scores = check_scores(scores, labels, "random_quantile")
+    if int(quantiles) < 1:
+        raise ConfigError(f"quantiles must be at least 1, got {quantiles}")
+
+    def pick(s, n, k, rng):
+        groups = np.array_split(ranked(s, False), int(quantiles))
+        sizes = np.array([len(g) for g in groups])
+        share = k * sizes / n
+        take = np.floor(share).astype(int)
+        for g in np.lexsort((np.arange(len(groups)), -(share - take)))[: k - take.sum()]:
+            take[g] += 1
+        return np.concatenate([rng.choice(g, t, replace=False) for g, t in zip(groups, take) if t] or [np.zeros(0, int)])
+
+    return per_class(scores, labels, fraction, seed, pick)

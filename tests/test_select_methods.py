@@ -1,0 +1,160 @@
+"""GEDA against brute force and HiGHS; CRAIG against exhaustive search; GRAD-MATCH's error;
+the thesis baselines; weighted manifests."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from engine.select import SELECTORS
+from engine.select import geda as G
+from engine.select.coreset import craig_class, facility_location_greedy, gradmatch_class, pairwise_distances
+
+
+def instances(count, seed=0, max_n=9):
+    rng = np.random.default_rng(seed)
+    for t in range(count):
+        n = int(rng.integers(1, max_n))
+        k = int(rng.integers(1, n + 1))
+        kind = t % 4
+        if kind == 0:
+            s = rng.random(n)
+        elif kind == 1:
+            s = rng.integers(0, 3, n).astype(float)         # many ties
+        elif kind == 2:
+            s = np.full(n, 0.7)                              # all scores equal
+        else:
+            s = np.round(rng.exponential(size=n), 1)         # skewed with ties
+        yield s, k, int(rng.integers(2, 7))
+
+
+def brute(p):
+    return min(p.objective(np.array(c)) for c in itertools.combinations(range(p.n), p.k))
+
+
+def test_exact_equals_brute_force_on_tiny_classes():
+    for s, k, nodes in instances(400, seed=1):
+        p = G.build(s, k, nodes)
+        sol = G.solve_exact(p, seed=0)
+        assert len(sol.index) == k and len(np.unique(sol.index)) == k
+        assert sol.objective == pytest.approx(brute(p), abs=1e-12), (s, k, nodes)
+
+
+def test_exact_equals_highs_on_random_classes():
+    rng = np.random.default_rng(2)
+    for t in range(300):
+        n = int(rng.integers(1, 60))
+        k = int(rng.choice([1, n, int(rng.integers(1, n + 1))]))  # k = 1 and k = n included
+        s = rng.random(n) if t % 3 else rng.integers(0, 5, n).astype(float)
+        if t % 17 == 0:
+            s = np.zeros(n)
+        p = G.build(s, k, 5)
+        ex, hs = G.solve_exact(p), G.solve_highs(p, time_limit=30)
+        assert hs.status == "optimal"
+        assert ex.objective == pytest.approx(hs.objective, abs=1e-9), (t, n, k)
+
+
+@pytest.mark.parametrize("backend", ["highs", "cbc"])
+def test_pulp_matches_exact(backend):
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        s = rng.random(80)
+        p = G.build(s, 23, 5)
+        sol = G.solve_pulp(p, backend, time_limit=30)
+        assert sol.status == "optimal"
+        assert sol.objective == pytest.approx(G.solve_exact(p).objective, abs=1e-9)
+
+
+def test_objective_is_the_thesis_formula():
+    s = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 10.0])
+    p = G.build(s, 2, 5)                   # nodes at 2, 4, 6, 8
+    chosen = np.array([0, 5])              # subset ECDF: 1/2 at every inner node
+    full = np.array([3, 5, 5, 5]) / 6
+    assert p.objective(chosen) == pytest.approx(2.0 * np.abs(full - 0.5).sum())
+
+
+def test_exact_is_deterministic_and_spreads_within_bins():
+    s = np.linspace(0, 1, 101)
+    p = G.build(s, 10, 5)
+    a, b = G.solve_exact(p, seed=4), G.solve_exact(p, seed=4)
+    np.testing.assert_array_equal(a.index, b.index)
+    assert np.diff(s[a.index]).min() > 0.05  # spread out, not the first ten of each bin
+
+
+def test_geda_selector_records_objective_and_status():
+    rng = np.random.default_rng(0)
+    scores, labels = rng.random(90), np.repeat([0, 1, 2], 30)
+    sel = SELECTORS["geda"](scores, labels, 0.3, seed=0, solver="highs", time_limit=10)
+    assert set(sel.info["classes"]) == {0, 1, 2}
+    assert all(c["status"] == "optimal" and c["k"] == 9 for c in sel.info["classes"].values())
+    ex = SELECTORS["geda"](scores, labels, 0.3, seed=0)
+    for c in range(3):
+        assert ex.info["classes"][c]["objective"] == pytest.approx(sel.info["classes"][c]["objective"], abs=1e-9)
+
+
+def test_highs_time_limit_is_reported():
+    rng = np.random.default_rng(0)
+    p = G.build(rng.random(3000), 1500, 5)
+    sol = G.solve_highs(p, time_limit=1e-6)
+    assert sol.status != "optimal"
+    with pytest.warns(UserWarning, match="not solved to optimality"):
+        SELECTORS["geda"](rng.random(3000), np.zeros(3000, np.int64), 0.5, solver="highs", time_limit=1e-6)
+
+
+def test_craig_greedy_against_exhaustive_search():
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        g = rng.normal(size=(8, 3))
+        k = int(rng.integers(1, 5))
+        dist = pairwise_distances(g)
+        sim = dist.max() - dist
+        f = lambda S: sim[:, list(S)].max(1).sum()  # noqa: E731
+        best = max(f(S) for S in itertools.combinations(range(8), k))
+        lazy = facility_location_greedy(sim, k, lazy=True)
+        plain = facility_location_greedy(sim, k, lazy=False)
+        np.testing.assert_array_equal(lazy, plain)          # lazy evaluation changes nothing
+        assert f(lazy) >= (1 - 1 / np.e) * best - 1e-9      # the greedy guarantee
+        if k == 1:
+            assert f(lazy) == pytest.approx(best)           # greedy is exact for one medoid
+
+
+def test_craig_weights_are_cluster_sizes():
+    rng = np.random.default_rng(6)
+    g = rng.normal(size=(40, 4))
+    picks, info, w = craig_class(g, 7)
+    assert w.sum() == 40 and np.all(w >= 1) and len(np.unique(picks)) == 7
+    labels = np.repeat([0, 1], 20)
+    sel = SELECTORS["craig"](g, labels, 0.25, seed=0)
+    for c in (0, 1):
+        assert sel.weight[labels[sel.index] == c].sum() == 20
+
+
+def test_gradmatch_error_decreases_with_k():
+    rng = np.random.default_rng(8)
+    g = rng.normal(size=(60, 10)) + 0.3
+    errors = [gradmatch_class(g, k, 0.5, np.random.default_rng(0))[1]["relative_error"] for k in (1, 3, 6, 12, 24)]
+    assert all(b <= a + 1e-9 for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.5 * errors[0]
+    picks, _, w = gradmatch_class(g, 12, 0.5, np.random.default_rng(0))
+    assert np.all(w >= 0) and len(np.unique(picks)) == 12
+
+
+def test_random_quantile_draws_from_every_quartile():
+    scores = np.arange(100, dtype=float)
+    sel = SELECTORS["random_quantile"](scores, np.zeros(100, np.int64), 0.2, seed=1)
+    counts = np.bincount(scores[sel.index].astype(int) // 25, minlength=4)
+    assert counts.tolist() == [5, 5, 5, 5]
+
+
+def test_evenly_spaced_takes_every_jth():
+    scores = np.arange(100, dtype=float)[::-1].copy()
+    sel = SELECTORS["evenly_spaced"](scores, np.zeros(100, np.int64), 0.1, seed=0)
+    np.testing.assert_array_equal(np.sort(scores[sel.index]), np.arange(5, 100, 10))
+
+
+def test_global_ranking_ignores_classes():
+    scores = np.concatenate([np.zeros(50), np.ones(50)])
+    labels = np.repeat([0, 1], 50)
+    sel = SELECTORS["topk"](scores, np.zeros_like(labels), 0.5, seed=0)   # what --global passes
+    assert set(labels[sel.index]) == {1}
