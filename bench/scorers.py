@@ -1,6 +1,7 @@
 """Time per sample of each scorer as a ratio to one plain training step of the same model and
 batch on the same device (forward + backward + SGD step; bf16 autocast on CUDA, float32 on
-CPU), and peak GPU memory of ``grand`` against the training step.
+CPU; the scorers run at the same precision where they allow it), and peak GPU memory of
+``grand`` against the training step.
 
     python bench/scorers.py --model resnet18-cifar --image-size 32 --batch 512
     python bench/scorers.py --model torchvision:resnet50 --image-size 224 --batch 256
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.models import build_model  # noqa: E402
-from engine.scores import SCORERS  # noqa: E402
+from engine.scores import score_batch  # noqa: E402
 
 GOALS = {"el2n": "<= 0.3", "grand": "<= 1.5 (stretch 1.2)", "curvature": "<= 1.5"}
 
@@ -67,10 +68,14 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--scorers", default="el2n,loss,grand_last,grand,curvature,nc")
     p.add_argument("--nc-iters", default="1,3", help="power iterations for nc, comma-separated")
+    p.add_argument("--precision", default=None, choices=["float32", "bf16"],
+                   help="scorer precision (jobs.score --precision); default bf16 on CUDA, float32 on CPU, "
+                        "matching the training step")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     a = p.parse_args(argv)
 
     device = torch.device(a.device)
+    precision = a.precision or ("bf16" if device.type == "cuda" else "float32")
     torch.manual_seed(0)
     model = build_model(a.model, 3, a.classes, a.image_size).to(device)
     if device.type == "cuda":
@@ -97,14 +102,15 @@ def main(argv=None) -> None:
         else:
             jobs.append((name, name, {}))
     for label, name, kw in jobs:
-        fn = lambda: SCORERS[name](model, x, y, **kw)  # noqa: E731
+        fn = lambda: score_batch({"m": model}, x, y, [(name, "m")], {name: kw}, precision)  # noqa: E731
         t = timed(fn, device, a.repeats)
         mem = peak_memory(fn, device) if name == "grand" else float("nan")
         rows.append({"scorer": label, "s_per_batch": t, "ratio": t / base, "peak_gib": mem})
         print(f"{label}: {t:.3f} s/batch, {t / base:.2f}x train step", flush=True)
 
     dev = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"\n{a.model} {a.image_size}x{a.image_size}, batch {a.batch}, {dev}, torch {torch.__version__}")
+    print(f"\n{a.model} {a.image_size}x{a.image_size}, batch {a.batch}, {dev}, torch {torch.__version__}, "
+          f"scorers in {precision} (curvature and nc always float32)")
     print("| scorer | s / batch | ms / sample | × train step | goal (GPU) | peak GiB |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -38,6 +38,8 @@ def build_parser() -> Parser:
     g.add_argument("--embeddings", default=None,
                    help="embeddings.parquet from jobs.score --embeddings (default: beside --scores)")
     g.add_argument("--lam", type=float, default=None, help="gradmatch: ridge regulariser (default 0.5)")
+    g.add_argument("--tol", type=float, default=None,
+                   help="gradmatch: stop OMP at this relative residual and fill at random (default 1e-4)")
     g = p.add_argument_group("random_quantile")
     g.add_argument("--quantiles", type=int, default=None, help="number of score quantiles (default 4)")
     p.add_argument("--out", required=True, help="manifest.parquet to write")
@@ -52,7 +54,7 @@ def run_select(scores: str, selector: str, fraction: float, out: str, column: Op
                offset: Optional[float] = None, seed: int = 0, global_: bool = False,
                embeddings: Optional[str] = None, **params) -> Path:
     """Read the score table (and embeddings), run the selector, write the manifest atomically.
-    ``params`` are the selector's own (solver, nodes, time_limit, lam, quantiles); None values
+    ``params`` are the selector's own (solver, nodes, time_limit, lam, tol, quantiles); None values
     are dropped so each selector keeps its defaults."""
     fn = SELECTORS[selector]
     fraction = check_fraction(fraction)
@@ -123,7 +125,7 @@ def main(argv: Sequence[str]) -> None:
                solver=a.solver if a.selector == "geda" else None,
                nodes=a.nodes if a.selector == "geda" else None,
                time_limit=a.time_limit if a.selector == "geda" else None,
-               lam=a.lam, quantiles=a.quantiles)
+               lam=a.lam, tol=a.tol, quantiles=a.quantiles)
 
 
 if __name__ == "__main__":

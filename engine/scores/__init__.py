@@ -73,13 +73,40 @@ def check_params(params: dict) -> dict:
     return params
 
 
-def score_batch(models: dict, x, y, plan: Sequence[tuple], params: dict | None = None) -> dict:
+PRECISIONS = ("float32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def runs_in_bf16(name: str, precision: str) -> bool:
+    """Whether score ``name`` runs under bf16 autocast at ``precision``: only the scorers marked
+    ``bf16_ok`` (forward-pass and gradient-norm scores). Curvature and the normalized-curvature
+    family take differences of nearby gradients, which bf16's 8-bit mantissa would swamp, so
+    they always run in float32."""
+    return precision == "bf16" and getattr(SCORERS[name], "bf16_ok", False)
+
+
+def score_batch(models: dict, x, y, plan: Sequence[tuple], params: dict | None = None,
+                precision: str = "float32") -> dict:
     """Run a scoring plan on one batch: ``plan`` lists ``(score name, model key)`` pairs,
-    ``models`` maps keys to modules, ``params`` maps score names to keyword arguments.
-    Returns {f"{name}@{key}": float32 numpy [B]}. The same function runs in unit tests and
-    inside the Ray Data scoring actors, so both paths give equal numbers."""
+    ``models`` maps keys to modules, ``params`` maps score names to keyword arguments,
+    ``precision`` is "float32" or "bf16" (autocast for the scorers that allow it, see
+    ``runs_in_bf16``). Returns {f"{name}@{key}": float32 numpy [B]}. The same function runs in
+    unit tests and inside the Ray Data scoring actors, so both paths give equal numbers."""
+    import contextlib
+
+    import torch
+
     params = params or {}
     out = {}
     for name, key in plan:
-        out[f"{name}@{key}"] = SCORERS[name](models[key], x, y, **params.get(name, {})).detach().float().cpu().numpy()
+        ctx = (torch.autocast(x.device.type, dtype=torch.bfloat16) if runs_in_bf16(name, precision)
+               else contextlib.nullcontext())
+        with ctx:
+            score = SCORERS[name](models[key], x, y, **params.get(name, {}))
+        out[f"{name}@{key}"] = score.detach().float().cpu().numpy()
     return out

@@ -64,6 +64,9 @@ def gradnorm_init(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 gradnorm_init.fixed_epochs = (0,)
+# may run under bf16 autocast (jobs.score --precision bf16; tolerances in tests/test_scorers_exact.py)
+for _fn in (el2n, loss, grand, gradnorm_init):
+    _fn.bf16_ok = True
 
 
 def probs_and_features(model: nn.Module, x: torch.Tensor, who: str):
@@ -91,6 +94,9 @@ def grand_last(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     err = (p - F.one_hot(y, p.shape[1]).to(p.dtype)).pow(2).sum(1)
     h2 = h.pow(2).sum(1) + (1.0 if has_bias else 0.0)
     return (err * h2).sqrt()
+
+
+grand_last.bf16_ok = True
 
 
 @SCORERS.register("input_norm")

@@ -96,8 +96,13 @@ def solve_exact(p: GedaProblem, seed: int = 0) -> GedaSolution:
     cum = np.concatenate([[0], np.cumsum(counts)])                # C_0..C_N
     targets = np.floor(p.k * cum / p.n + 0.5).astype(np.int64)   # S_k = round(T_k), S_N = κ
     take = np.diff(targets)                                      # chosen per bin
-    tie = np.random.default_rng(seed).permutation(p.n)
-    order = np.lexsort((tie, p.scores, p.bins))                  # by bin, then score, then seeded tie-break
+    # by bin, then score, then a seeded tie-break. Bins are monotone in the score, so sorting by
+    # score sorts by bin; the tie-break permutation is drawn only when scores do tie (the order,
+    # and so the choice, is the same whatever the tie-break when there are none).
+    order = np.argsort(p.scores, kind="stable")
+    if (np.diff(p.scores[order]) == 0).any():
+        tie = np.random.default_rng(seed).permutation(p.n)
+        order = np.lexsort((tie, p.scores))
     chosen = []
     for j in range(p.nodes):
         members = order[cum[j]:cum[j + 1]]
