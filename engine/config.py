@@ -45,12 +45,18 @@ class ScoreConfig:
     score_batch_size: int = 512        # rows per scoring batch
     score_params: dict = field(default_factory=dict)  # {score: {param: value}}, e.g. {"nc": {"iters": 20}}
     embedding_dim: int = 0             # >0: also write embeddings.parquet (last-layer gradients, seed 0, last epoch)
+    precision: str = "float32"         # "bf16": autocast for the scorers that allow it (engine.scores.runs_in_bf16)
     optim: OptimConfig = OptimConfig()
     out: str = "runs/score"            # run directory
 
     def validate(self) -> None:
-        _positive(self, "seeds", "epochs", "actors", "score_batch_size")
+        _positive(self, "seeds", "actors", "score_batch_size")
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ConfigError(f"epochs must be 0 (score the initialisations only) or more, got {self.epochs!r}")
         _in_range(self, "gpus_per_actor", 0.0, 64.0)
+        from engine.scores import check_precision
+
+        check_precision(self.precision)
         for e in self.score_epochs or ():
             if not 0 <= e <= self.epochs:
                 raise ConfigError(f"score_epochs: epoch {e} is outside 0..epochs ({self.epochs})")

@@ -37,7 +37,7 @@ def run(job: str, main: Callable[[Sequence[str]], None], argv: Optional[Sequence
     except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, message already printed)
         return exc.code if isinstance(exc.code, int) else 2
     except KeyboardInterrupt:
-        print(f"{job}: interrupted; nothing partial was kept", file=sys.stderr)
+        print(f"{job}: interrupted; no finished artifact was written", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001  (re-raised unless it is a user error)
         err = user_error(exc)
@@ -52,9 +52,10 @@ def entry(job: str, main: Callable[[Sequence[str]], None]) -> None:
 
 
 @contextlib.contextmanager
-def output_dir(path: str | Path) -> Iterator[Path]:
-    """Create ``path`` for a run's artifacts; remove it again if the job fails and the
-    directory did not exist before (an existing one keeps what earlier runs left)."""
+def output_dir(path: str | Path, keep: Sequence[str] = ()) -> Iterator[Path]:
+    """Create ``path`` for a run's artifacts; if the job fails and the directory did not exist
+    before, remove it again (an existing one keeps what earlier runs left), except for the
+    subdirectories named in ``keep`` (work that a rerun resumes from, e.g. ``_partial``)."""
     path = Path(path)
     existed = path.exists()
     if existed and not path.is_dir():
@@ -64,7 +65,15 @@ def output_dir(path: str | Path) -> Iterator[Path]:
         yield path
     except BaseException:
         if not existed:
-            shutil.rmtree(path, ignore_errors=True)
+            kept = [k for k in keep if (path / k).is_dir() and any((path / k).iterdir())]
+            if kept:
+                for child in path.iterdir():
+                    if child.name not in kept:
+                        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+                print(f"partial work kept in {', '.join(str(path / k) for k in kept)}; rerun the same command "
+                      f"to resume", file=sys.stderr)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
         raise
 
 

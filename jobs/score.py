@@ -8,18 +8,24 @@ prints a line per proxy epoch, Ray Data's progress, and finally
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from engine import artifacts
 from engine.config import ScoreConfig, to_dict
 from engine.data import load_source
+from engine.errors import ConfigError
 from engine.models import check_model_name
-from engine.scores import (HISTORY_SCORERS, SCORERS, check_params, data_defaults, parse_score_names,
+from engine.scores import (HISTORY_SCORERS, SCORERS, check_params, data_defaults, parse_score_names, runs_in_bf16,
                            score_epochs_for)
 from engine.scores.aggregate import history_scores, mean_std_over_seeds, model_key
 from jobs._cli import Parser, add_optim_flags, entry, int_list, optim_from, output_dir
@@ -46,6 +52,9 @@ def build_parser() -> Parser:
     p.add_argument("--embeddings", type=int, default=0, metavar="DIM",
                    help="also write embeddings.parquet: last-layer gradient embeddings (<= DIM dims) of seed 0's "
                         "final proxy, for the craig and gradmatch selectors (e.g. 512)")
+    p.add_argument("--precision", default=d.precision,
+                   help="float32 (default) or bf16: bf16 autocast for el2n, loss, grand, grand_last and gradnorm_init "
+                        "(the curvature scores always run in float32)")
     p.add_argument("--out", default=d.out, help="run directory; scores.parquet is written there")
     add_optim_flags(p)
     return p
@@ -57,8 +66,11 @@ def config_from(argv: Sequence[str]) -> ScoreConfig:
                       seeds=args.seeds, epochs=args.epochs, score_epochs=args.score_epochs, actors=args.actors,
                       gpus_per_actor=args.gpus_per_actor, score_batch_size=args.score_batch_size,
                       score_params=check_params(args.score_params), embedding_dim=args.embeddings,
-                      optim=optim_from(args), out=args.out)
+                      precision=args.precision, optim=optim_from(args), out=args.out)
     cfg.validate()
+    if cfg.epochs == 0 and any(s in HISTORY_SCORERS for s in cfg.scores):
+        raise ConfigError("--epochs 0 trains no proxy, so there is no training history for "
+                          f"{', '.join(s for s in cfg.scores if s in HISTORY_SCORERS)}; use --epochs 1 or more")
     return cfg
 
 
@@ -103,45 +115,78 @@ def check_inputs(cfg: ScoreConfig):
 
 def run_score(cfg: ScoreConfig) -> Path:
     """The job's stages; assumes a Ray session. Returns the path of scores.parquet."""
-    from engine.dist.scoring import score_on_ray, train_proxies
+    from engine.dist.scoring import score_on_ray
 
     source = check_inputs(cfg)
     epochs, keep, plan, params = scoring_plan(cfg, source.info())
     embed = (model_key(0, cfg.epochs), cfg.embedding_dim) if cfg.embedding_dim > 0 else None
     keep = tuple(sorted(set(keep) | ({cfg.epochs} if embed else set())))
     hist_scores = [s for s in cfg.scores if s in HISTORY_SCORERS]
-    with output_dir(cfg.out) as out:
+    with output_dir(cfg.out, keep=(PARTIAL,)) as out:
+        work = out / PARTIAL
         t0 = time.time()
-        runs = train_proxies(cfg, keep)
+        runs = _proxies(cfg, keep, work)
         print(f"stage proxies: {cfg.seeds} proxies x {cfg.epochs} epochs in {time.time() - t0:.1f}s")
-        ids, label, cols = _proxy_columns(cfg, runs, hist_scores)
         if plan or embed:
             t0 = time.time()
             states = {model_key(r.seed, e): s for r in runs for e, s in r.states.items()}
-            scored = score_on_ray(cfg, states, plan, params, embed)
+            scored = score_on_ray(cfg, states, plan, params, embed, work_dir=work)
             if embed:
                 _write_embeddings(out / "embeddings.parquet", scored, cfg)
-            _check_same_ids(ids, scored["sample_id"])
-            label = scored["label"]
-            cols.update(mean_std_over_seeds(scored, epochs, [r.seed for r in runs]))
+            ids, label = scored["sample_id"], scored["label"]
+            cols = mean_std_over_seeds(scored, epochs, [r.seed for r in runs])
             print(f"stage scoring: {len(ids)} samples, {len(plan)} (score, checkpoint) pairs in {time.time() - t0:.1f}s")
+        else:
+            ids, label, cols = _ids_and_labels(runs[0]) + ({},)
+        if hist_scores:
+            hist_ids, _ = _ids_and_labels(runs[0])
+            _check_same_ids(ids, hist_ids)
+            cols = {**_history_columns(runs, hist_scores), **cols}
         path = out / "scores.parquet"
         _write(path, cfg, ids, label, cols, runs, epochs, params)
+        shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {path}: {len(ids)} rows, columns {', '.join(cols)}")
     return path
 
 
-def _proxy_columns(cfg: ScoreConfig, runs, hist_scores):
-    """Sample ids (sorted), labels and history-based score columns from the proxy runs."""
-    source = load_source(cfg.data)
-    train = source.arrays("train")
-    order = np.argsort(train.sample_id, kind="stable")
+PARTIAL = "_partial"  # RUN/_partial: proxy checkpoints and scoring shards of an unfinished run
+
+
+def _proxies(cfg: ScoreConfig, keep: tuple, work: Path) -> list:
+    """Train the proxies, or load them from an interrupted run of the same configuration."""
+    from engine.dist.scoring import train_proxies
+
+    key = hashlib.sha256(json.dumps({"data": cfg.data, "model": cfg.model, "seeds": cfg.seeds, "epochs": cfg.epochs,
+                                     "keep": list(keep), "optim": to_dict(cfg.optim)}, sort_keys=True).encode())
+    path = work / f"proxies-{key.hexdigest()[:16]}.pt"
+    if path.exists():
+        try:
+            runs = torch.load(path, weights_only=False)
+            print(f"resuming: reusing {len(runs)} trained proxies from {path}", flush=True)
+            return runs
+        except Exception as exc:  # noqa: BLE001  (a damaged file: train again)
+            print(f"{path}: unreadable ({exc}); training the proxies again", flush=True)
+    runs = train_proxies(cfg, keep)
+    work.mkdir(parents=True, exist_ok=True)
+    for old in work.glob("proxies-*.pt"):
+        old.unlink()
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(runs, tmp)
+    os.replace(tmp, path)
+    return runs
+
+
+def _ids_and_labels(run) -> tuple:
+    order = np.argsort(run.sample_id, kind="stable")
+    return run.sample_id[order], run.label[order]
+
+
+def _history_columns(runs, hist_scores) -> dict:
     histories = {}
     for r in runs:
         pos = np.argsort(r.sample_id, kind="stable")
         histories[r.seed] = r.correct[:, pos]
-    cols = history_scores(histories, hist_scores) if hist_scores else {}
-    return train.sample_id[order], train.label[order], cols
+    return history_scores(histories, hist_scores)
 
 
 def _check_same_ids(expected: np.ndarray, got: np.ndarray) -> None:
@@ -165,6 +210,8 @@ def _write(path: Path, cfg: ScoreConfig, ids, label, cols: dict, runs, epochs: d
     meta = {"kind": "scores", "config": to_dict(cfg), "seeds": [r.seed for r in runs],
             "score_epochs": {s: (list(epochs[s]) if s in SCORERS else "history") for s in cfg.scores},
             "score_params": params,
+            "score_precision": {s: ("bf16" if runs_in_bf16(s, cfg.precision) else "float32")
+                                for s in cfg.scores if s in SCORERS},
             "proxy_train_loss": {r.seed: r.train_loss for r in runs},
             "model": cfg.model, "data": cfg.data, "environment": artifacts.environment()}
     artifacts.write_table(path, table, meta)

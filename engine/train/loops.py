@@ -123,6 +123,7 @@ class ProxyRun:
     correct: np.ndarray
     sample_id: np.ndarray
     train_loss: list
+    label: np.ndarray = None  # int64 [N], aligned with ``sample_id``
 
 
 def fit_proxy(
@@ -153,7 +154,7 @@ def fit_proxy(
         log(f"proxy seed {seed}: epoch {epoch}/{epochs} loss {loss:.4f} train-acc {correct.mean():.3f}")
         if epoch in wanted:
             states[epoch] = _cpu_state(model)
-    return ProxyRun(seed, states, np.stack(history), split.sample_id.copy(), losses)
+    return ProxyRun(seed, states, np.stack(history), split.sample_id.copy(), losses, split.label.copy())
 
 
 def _cpu_state(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -1,0 +1,123 @@
+"""Ray Data scoring throughput against a plain single-process loop over the same data in memory.
+
+    python bench/ray_scoring.py --rows 200000 --model resnet18-cifar            # GPU: 1 actor, 1 GPU
+    python bench/ray_scoring.py --rows 200000 --model torchvision:resnet50 --image-size 224 --batch 256
+    python bench/ray_scoring.py --rows 40000 --model small-cnn --actors 1,2     # CPU scaling, 2 cores
+
+For each actor count, ``jobs.score``'s scoring stage (``engine.dist.scoring.score_on_ray``:
+read tasks, the actor pool, shards written as partitions finish, the merge and checks) scores
+``synthetic:ROWS,SxS,3`` with EL2N of one randomly initialised model; the plain loop scores
+the same uint8 images, generated in memory beforehand, batch by batch in this process
+(uint8 to the device, normalise there, forward). Prints rows/s and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def plain_loop(cfg, state, device, precision: str) -> float:
+    from engine.data import load_source
+    from engine.models import build_model
+    from engine.scores import score_batch
+    from engine.train import batch_to_input
+
+    source = load_source(cfg.data)
+    info = source.info()
+    parts = [b for p in source.partitions("train", 8192) for b in p.read()]
+    images = np.concatenate([b["image"] for b in parts])
+    labels = np.concatenate([b["label"] for b in parts])
+    model = build_model(cfg.model, info.image_shape[2], info.num_classes, info.image_shape[0])
+    model.load_state_dict(state)
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        images = torch.from_numpy(images).pin_memory()
+    B = cfg.score_batch_size
+
+    def run(n):
+        for i in range(0, n, B):
+            x = batch_to_input(images[i:i + B], info, device)
+            y = torch.as_tensor(labels[i:i + B]).to(device, non_blocking=True)
+            score_batch({"m": model}, x, y, [("el2n", "m")], {}, precision)
+
+    run(min(len(labels), 4 * B))                      # warm-up (cuDNN autotune, allocator)
+    t0 = time.perf_counter()
+    run(len(labels))
+    return len(labels) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--model", default="resnet18-cifar")
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--actors", default="1", help="comma-separated actor counts to measure")
+    p.add_argument("--precision", default=None, choices=["float32", "bf16"],
+                   help="default: bf16 on CUDA, float32 on CPU")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+
+    import ray
+
+    from engine.config import ScoreConfig
+    from engine.data import load_source
+    from engine.dist.scoring import score_on_ray
+    from engine.models import build_model
+    from engine.train import seed_everything
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    precision = a.precision or ("bf16" if cuda else "float32")
+    spec = f"synthetic:{a.rows},{a.image_size}x{a.image_size},3"
+    base = ScoreConfig(data=spec, model=a.model, score_batch_size=a.batch, precision=precision,
+                       gpus_per_actor=1.0 if cuda else 0.0)
+    info = load_source(spec).info()
+    seed_everything(0)
+    state = build_model(a.model, 3, info.num_classes, a.image_size).state_dict()
+    states = {"s0e0": state}
+
+    loop = plain_loop(base, state, device, precision)
+    dev = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
+    print(f"plain loop: {loop:.0f} rows/s ({dev}, torch threads {torch.get_num_threads()}, {precision})", flush=True)
+    rows = [{"what": "plain loop", "rows_per_s": loop}]
+    ray.init(num_cpus=os.cpu_count(), num_gpus=1 if cuda else 0, include_dashboard=False,
+             _temp_dir=tempfile.mkdtemp(prefix="wnr-bench-"), logging_level="WARNING")
+    try:
+        for n in [int(x) for x in a.actors.split(",")]:
+            cfg = ScoreConfig(**{**base.__dict__, "actors": n})
+            if cuda:
+                cfg = ScoreConfig(**{**cfg.__dict__, "gpus_per_actor": round(1.0 / n, 3)})
+            with tempfile.TemporaryDirectory() as work:
+                t0 = time.perf_counter()
+                cols = score_on_ray(cfg, states, [("el2n", "s0e0")], {}, work_dir=Path(work))
+                wall = time.perf_counter() - t0
+            assert len(cols["sample_id"]) == a.rows
+            rate = a.rows / wall
+            rows.append({"what": f"Ray Data, {n} actor(s)", "rows_per_s": rate, "wall_s": wall})
+            print(f"Ray Data, {n} actor(s): {rate:.0f} rows/s end to end ({wall:.1f} s, including actor "
+                  f"start-up), {rate / loop:.2f}x the plain loop", flush=True)
+    finally:
+        ray.shutdown()
+    print(f"\n{a.model} {a.image_size}x{a.image_size}, batch {a.batch}, {a.rows} rows, {dev}, {precision}, "
+          f"torch {torch.__version__}, ray {ray.__version__}, {platform.python_version()}")
+    print("| path | rows/s | × plain loop |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['what']} | {r['rows_per_s']:.0f} | {r['rows_per_s'] / loop:.2f} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "device": dev, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
