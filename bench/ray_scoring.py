@@ -2,7 +2,7 @@
 
     python bench/ray_scoring.py --rows 200000 --model resnet18-cifar            # GPU: 1 actor, 1 GPU
     python bench/ray_scoring.py --rows 200000 --model torchvision:resnet50 --image-size 224 --batch 256
-    python bench/ray_scoring.py --rows 40000 --model small-cnn --actors 1,2     # CPU scaling, 2 cores
+    python bench/ray_scoring.py --rows 40000 --model small-cnn --actors 1,2 --cpus-per-actor 0.5  # CPU scaling
 
 For each actor count, ``jobs.score``'s scoring stage (``engine.dist.scoring.score_on_ray``:
 read tasks, the actor pool, shards written as partitions finish, the merge and checks) scores
@@ -64,6 +64,11 @@ def main() -> None:
     p.add_argument("--model", default="resnet18-cifar")
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--actors", default="1", help="comma-separated actor counts to measure")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0,
+                   help="logical CPUs per actor (0.5 on a 2-core machine leaves the read tasks a slot)")
+    p.add_argument("--pool", choices=["fixed", "autoscale"], default="fixed",
+                   help="fixed: all N actors start up front (measures throughput, not the autoscaler); "
+                        "autoscale: min 1, max N")
     p.add_argument("--precision", default=None, choices=["float32", "bf16"],
                    help="default: bf16 on CUDA, float32 on CPU")
     p.add_argument("--json", default=None)
@@ -96,7 +101,8 @@ def main() -> None:
              _temp_dir=tempfile.mkdtemp(prefix="wnr-bench-"), logging_level="WARNING")
     try:
         for n in [int(x) for x in a.actors.split(",")]:
-            cfg = ScoreConfig(**{**base.__dict__, "actors": n})
+            cfg = ScoreConfig(**{**base.__dict__, "actors": n, "cpus_per_actor": a.cpus_per_actor,
+                                 "min_actors": n if a.pool == "fixed" else 1})
             if cuda:
                 cfg = ScoreConfig(**{**cfg.__dict__, "gpus_per_actor": round(1.0 / n, 3)})
             with tempfile.TemporaryDirectory() as work:
@@ -111,6 +117,7 @@ def main() -> None:
     finally:
         ray.shutdown()
     print(f"\n{a.model} {a.image_size}x{a.image_size}, batch {a.batch}, {a.rows} rows, {dev}, {precision}, "
+          f"{a.cpus_per_actor} CPU/actor, {a.pool} pool, "
           f"torch {torch.__version__}, ray {ray.__version__}, {platform.python_version()}")
     print("| path | rows/s | × plain loop |\n|---|---|---|")
     for r in rows:

@@ -43,7 +43,13 @@ def build_parser() -> Parser:
     p.add_argument("--epochs", type=int, default=d.epochs, help="proxy training epochs (default %(default)s)")
     p.add_argument("--score-epochs", type=int_list, default=None,
                    help="epochs at which model scores are taken, e.g. 0,2 (0 = at init; default: the last)")
-    p.add_argument("--actors", type=int, default=d.actors, help="max scoring actors in the Ray Data pool")
+    p.add_argument("--actors", type=int, default=d.actors,
+                   help="most scoring actors in the Ray Data pool; it grows to this as the backlog and the "
+                        "cluster allow (default %(default)s)")
+    p.add_argument("--min-actors", type=int, default=d.min_actors, help="actors started up front (default %(default)s)")
+    p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor,
+                   help="logical CPUs per scoring actor (default %(default)s; fractions let read tasks and actors "
+                        "share a small machine)")
     p.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPUs per scoring actor and proxy")
     p.add_argument("--score-batch-size", type=int, default=d.score_batch_size, help="rows per scoring batch")
     p.add_argument("--score-params", type=parse_score_params, default={},
@@ -64,6 +70,7 @@ def config_from(argv: Sequence[str]) -> ScoreConfig:
     args = build_parser().parse_args(argv)
     cfg = ScoreConfig(data=args.data, model=args.model, scores=tuple(parse_score_names(args.scores)),
                       seeds=args.seeds, epochs=args.epochs, score_epochs=args.score_epochs, actors=args.actors,
+                      min_actors=args.min_actors, cpus_per_actor=args.cpus_per_actor,
                       gpus_per_actor=args.gpus_per_actor, score_batch_size=args.score_batch_size,
                       score_params=check_params(args.score_params), embedding_dim=args.embeddings,
                       precision=args.precision, optim=optim_from(args), out=args.out)

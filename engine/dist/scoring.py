@@ -58,10 +58,14 @@ class ScoringActor:
     retries its batch)."""
 
     def __init__(self, model_name: str, info, states_ref: list, plan: List[tuple], params: dict, gpus: float,
-                 embed: tuple | None = None, precision: str = "float32", chaos_file: str | None = None):
+                 embed: tuple | None = None, precision: str = "float32", chaos_file: str | None = None,
+                 threads: int = 0):
         import warnings
 
         import torch
+
+        if threads:
+            torch.set_num_threads(threads)
 
         from engine.models import build_model
         from engine.train import pick_device
@@ -170,12 +174,13 @@ def _score_parts(cfg, source, states, plan, params, embed, target_rows, todo, si
         ScoringActor,
         fn_constructor_kwargs=dict(model_name=cfg.model, info=source.info(), states_ref=[ray.put(states)],
                                    plan=plan, params=params, gpus=cfg.gpus_per_actor, embed=embed,
-                                   precision=cfg.precision, chaos_file=str(store.dir.parent / CHAOS_FILE)),
+                                   precision=cfg.precision, chaos_file=str(store.dir.parent / CHAOS_FILE),
+                                   threads=0 if cfg.gpus_per_actor else max(1, int(cfg.cpus_per_actor))),
         batch_size=cfg.score_batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.actors),
         num_gpus=cfg.gpus_per_actor or None,
-        num_cpus=1,
+        num_cpus=cfg.cpus_per_actor,
     )
     total = sum(sizes[p] for p in todo)
     progress = Progress(total)
