@@ -40,7 +40,9 @@ class ScoreConfig:
     seeds: int = 2                     # proxies with seeds 0..seeds-1; scores averaged over them
     epochs: int = 4                    # proxy training epochs
     score_epochs: Optional[Tuple[int, ...]] = None  # epochs at which model scores are taken (0 = init); default: last
-    actors: int = 1                    # scoring actors in the Ray Data pool
+    actors: int = 1                    # most scoring actors in the Ray Data pool (it grows to this with the backlog)
+    min_actors: int = 1                # actors started up front (the pool never shrinks below this)
+    cpus_per_actor: float = 1.0        # logical CPUs each scoring actor reserves (torch threads: max(1, floor))
     gpus_per_actor: float = 0.0        # GPUs per scoring actor (fractions allowed)
     score_batch_size: int = 512        # rows per scoring batch
     score_params: dict = field(default_factory=dict)  # {score: {param: value}}, e.g. {"nc": {"iters": 20}}
@@ -50,7 +52,10 @@ class ScoreConfig:
     out: str = "runs/score"            # run directory
 
     def validate(self) -> None:
-        _positive(self, "seeds", "actors", "score_batch_size")
+        _positive(self, "seeds", "actors", "min_actors", "score_batch_size")
+        if self.min_actors > self.actors:
+            raise ConfigError(f"min_actors ({self.min_actors}) is more than actors ({self.actors})")
+        _in_range(self, "cpus_per_actor", 0.01, 1024.0)
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise ConfigError(f"epochs must be 0 (score the initialisations only) or more, got {self.epochs!r}")
         _in_range(self, "gpus_per_actor", 0.0, 64.0)
@@ -78,13 +83,64 @@ class TrainConfig:
     workers: int = 1                   # Ray Train workers
     gpus: int = 0                      # GPUs per worker (0 = CPU)
     seed: int = 0                      # init and shuffling seed
+    budget: str = "epochs"             # "epochs": `epochs` passes over the subset; "steps": the optimizer steps of `epochs` full-data passes
+    weighting: str = "loss"            # manifest weights as per-sample loss weights ("loss") or sampling probabilities ("sampling")
+    curvature_lambda: float = 0.0      # SLo-Curves regulariser: CE + λ·Curv(X)
+    curvature_eps: float = 8 / 255     # Curv's step per input coordinate, in [0, 1] pixel units
+    gradreg: float = 0.0               # LCNN GradReg weight μ (input-gradient norm penalty)
+    activation: str = "relu"           # model option: "relu" or "centered_softplus" (LCNN)
+    beta: Optional[float] = None       # centered softplus β (None: the model's default)
+    spectral_norm: bool = False        # model option: spectral-normalised convs and linear layers (LCNN)
+    bn_gamma: Optional[float] = None   # model option: γ-Lipschitz BatchNorm (LCNN); None = plain BatchNorm
+    geometry: bool = False             # metrics: E‖∇f‖, E‖∇²f‖, E C_f on the test set (LCNN's table)
+    pgd_eps: Tuple[float, ...] = ()    # metrics: ℓ2 PGD robust accuracy at these radii (pixel units), e.g. 0.05,0.1,0.15,0.2
+    pgd_steps: int = 20                # PGD iterations
+    pgd_step_size: Optional[float] = None  # PGD step (None: 2.5·ε/steps)
+    eval_samples: int = 1000           # test samples for geometry and PGD (0 = all)
+    max_failures: int = 2              # worker-group restarts from the last checkpoint (Ray Train FailureConfig)
     optim: OptimConfig = OptimConfig()
     out: str = "runs/train"            # run directory (metrics.json, checkpoints)
 
     def validate(self) -> None:
-        _positive(self, "epochs", "workers")
+        _positive(self, "epochs", "workers", "pgd_steps")
         _in_range(self, "gpus", 0, 64)
+        if self.budget not in ("epochs", "steps"):
+            raise ConfigError(f"budget must be 'epochs' or 'steps', got {self.budget!r}")
+        if self.weighting not in ("loss", "sampling"):
+            raise ConfigError(f"weighting must be 'loss' or 'sampling', got {self.weighting!r}")
+        _in_range(self, "curvature_lambda", 0.0, 1e6)
+        _in_range(self, "curvature_eps", 1e-6, 1.0)
+        _in_range(self, "gradreg", 0.0, 1e6)
+        if self.activation not in ("relu", "centered_softplus"):
+            raise ConfigError(f"activation must be 'relu' or 'centered_softplus', got {self.activation!r}")
+        if self.beta is not None:
+            _in_range(self, "beta", 1e-3, 1e4)
+        if self.bn_gamma is not None:
+            _in_range(self, "bn_gamma", 1e-3, 1e4)
+        for e in self.pgd_eps:
+            if not isinstance(e, (int, float)) or not 0 < e <= 10:
+                raise ConfigError(f"pgd_eps: radius {e!r} must be in (0, 10] (pixel units)")
+        if self.pgd_step_size is not None:
+            _in_range(self, "pgd_step_size", 1e-6, 10.0)
+        if not isinstance(self.eval_samples, int) or self.eval_samples < 0:
+            raise ConfigError(f"eval_samples must be 0 (all) or more, got {self.eval_samples!r}")
+        if not isinstance(self.max_failures, int) or self.max_failures < 0:
+            raise ConfigError(f"max_failures must be 0 or more, got {self.max_failures!r}")
         self.optim.validate()
+
+    @property
+    def model_options(self) -> dict:
+        """Keyword options for ``build_model`` (empty for the plain models)."""
+        opts = {}
+        if self.activation != "relu":
+            opts["activation"] = self.activation
+        if self.beta is not None:
+            opts["beta"] = self.beta
+        if self.spectral_norm:
+            opts["spectral_norm"] = True
+        if self.bn_gamma is not None:
+            opts["bn_gamma"] = self.bn_gamma
+        return opts
 
 
 def from_dict(cls: Type[C], d: dict) -> C:

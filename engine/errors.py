@@ -5,6 +5,7 @@ match) is raised as a :class:`WinnowError` subclass with a message that names wh
 The job CLIs catch exactly these, print the message and exit with status 2; anything else is
 a bug and keeps its traceback.
 """
+from typing import Optional
 
 
 class WinnowError(Exception):
@@ -17,3 +18,25 @@ class ConfigError(WinnowError, ValueError):
 
 class DataError(WinnowError, ValueError):
     """Input data (images, labels, ids, score tables, manifests) is malformed."""
+
+
+class RunFailedError(WinnowError, RuntimeError):
+    """A distributed run failed for a reason outside the user's input (a worker died more
+    often than the configured restarts allow). Jobs exit with status 1 and say how to resume."""
+
+    exit_code = 1
+
+
+def user_error(exc: BaseException) -> Optional[WinnowError]:
+    """The WinnowError behind ``exc`` (unwrapping Ray's task/actor error wrappers), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, WinnowError):
+            return exc
+        for inner in (getattr(exc, "worker_failures", None) or {}).values():  # Ray Train's WorkerGroupError
+            err = user_error(inner)
+            if err is not None:
+                return err
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None

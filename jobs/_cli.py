@@ -1,7 +1,8 @@
 """What every job shares: error handling, run directories, common flags.
 
 A user error (``WinnowError``, also when raised inside a Ray task or actor) ends with one
-line ``<job>: error: <message>`` on stderr and exit status 2; an interrupt ends with 130.
+line ``<job>: error: <message>`` on stderr and exit status 2 (1 for a ``RunFailedError``: the
+cluster, not the input, failed); an interrupt ends with 130.
 Either way no output file is left behind: artifacts are written atomically, and a run
 directory this invocation created is removed again when the job fails.
 """
@@ -15,18 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 from engine.config import OptimConfig
-from engine.errors import ConfigError, WinnowError
-
-
-def user_error(exc: BaseException) -> Optional[WinnowError]:
-    """The WinnowError behind ``exc`` (unwrapping Ray's task/actor error wrappers), if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, WinnowError):
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__
-    return None
+from engine.errors import ConfigError, user_error
 
 
 def run(job: str, main: Callable[[Sequence[str]], None], argv: Optional[Sequence[str]] = None) -> int:
@@ -44,7 +34,7 @@ def run(job: str, main: Callable[[Sequence[str]], None], argv: Optional[Sequence
         if err is None:
             raise
         print(f"{job}: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
 
 
 def entry(job: str, main: Callable[[Sequence[str]], None]) -> None:

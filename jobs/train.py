@@ -3,8 +3,16 @@
     python -m jobs.train --data fashion-mnist-mini --manifest runs/select/manifest.parquet \\
         --model small-cnn --epochs 10 --out runs/train
 
-prints a line per epoch and ``test accuracy 0.8xx on 3000 samples (30000 seen) in NN s``;
+prints a line per pass and ``test accuracy 0.8xx on 3000 samples (30000 seen) in NN s``;
 writes ``runs/train/metrics.json`` and ``runs/train/model.pt``.
+
+    # SLo-Curves: CE + λ·Curv(X) (the paper sweeps λ over 0, 0.5, 1, 5, 10, 20, 50)
+    python -m jobs.train --manifest runs/curv-0.3.parquet --curvature-lambda 5
+    # LCNN: centered softplus, spectral norm, γ-Lipschitz BatchNorm, GradReg; geometry and PGD
+    python -m jobs.train --lcnn --gradreg 0.01 --geometry --pgd-eps 0.05,0.1,0.15,0.2
+
+Checkpoints of an unfinished run stay under ``OUT/_partial``; rerunning the same command
+resumes from the last one.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ from engine.config import TrainConfig, to_dict
 from engine.data import load_source
 from engine.errors import DataError
 from engine.models import check_model_name
-from jobs._cli import Parser, add_optim_flags, entry, optim_from, output_dir
+from jobs._cli import Parser, add_optim_flags, entry, float_list, optim_from, output_dir
 
 
 def build_parser() -> Parser:
@@ -31,6 +39,35 @@ def build_parser() -> Parser:
     p.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers (data parallel)")
     p.add_argument("--gpus", type=int, default=d.gpus, help="GPUs per worker (0 = CPU training)")
     p.add_argument("--seed", type=int, default=d.seed, help="initialisation and shuffling seed")
+    p.add_argument("--budget", choices=["epochs", "steps"], default=d.budget,
+                   help="epochs: --epochs passes over the subset; steps: as many optimizer steps as --epochs "
+                        "passes over the full training split (default %(default)s)")
+    p.add_argument("--weighting", choices=["loss", "sampling"], default=d.weighting,
+                   help="manifest weights as per-sample loss weights or as sampling probabilities (with "
+                        "replacement, unweighted loss) (default %(default)s)")
+    p.add_argument("--curvature-lambda", type=float, default=d.curvature_lambda,
+                   help="SLo-Curves regulariser weight λ in CE + λ·Curv(X) (paper grid: 0, 0.5, 1, 5, 10, 20, 50)")
+    p.add_argument("--curvature-eps", type=float, default=d.curvature_eps,
+                   help="Curv's per-coordinate step in [0, 1] pixel units (default 8/255)")
+    p.add_argument("--gradreg", type=float, default=d.gradreg, help="LCNN GradReg weight μ (default 0)")
+    p.add_argument("--activation", choices=["relu", "centered_softplus"], default=d.activation,
+                   help="model activation (default %(default)s)")
+    p.add_argument("--beta", type=float, default=d.beta, help="centered softplus β (default: the model's)")
+    p.add_argument("--spectral-norm", action="store_true", help="spectral-normalised convolutions and linear layers")
+    p.add_argument("--bn-gamma", type=float, default=d.bn_gamma, help="γ-Lipschitz BatchNorm with this γ")
+    p.add_argument("--lcnn", action="store_true",
+                   help="the LCNN paper's network: centered softplus + spectral norm + γ-Lipschitz BatchNorm "
+                        "(explicit --beta / --bn-gamma override the paper's defaults)")
+    p.add_argument("--geometry", action="store_true",
+                   help="metrics: E||grad f||, E||hessian f||, E C_f on the test set (the LCNN paper's table)")
+    p.add_argument("--pgd-eps", type=float_list, default=d.pgd_eps,
+                   help="metrics: l2 PGD robust accuracy at these radii in pixel units, e.g. 0.05,0.1,0.15,0.2")
+    p.add_argument("--pgd-steps", type=int, default=d.pgd_steps, help="PGD iterations (default %(default)s)")
+    p.add_argument("--pgd-step-size", type=float, default=d.pgd_step_size, help="PGD step (default 2.5·eps/steps)")
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples,
+                   help="test samples for geometry and PGD (0 = all; default %(default)s)")
+    p.add_argument("--max-failures", type=int, default=d.max_failures,
+                   help="restarts of the worker group from the last checkpoint (default %(default)s)")
     p.add_argument("--out", default=d.out, help="run directory for metrics.json and model.pt")
     add_optim_flags(p)
     return p
@@ -38,8 +75,20 @@ def build_parser() -> Parser:
 
 def config_from(argv: Sequence[str]) -> TrainConfig:
     a = build_parser().parse_args(argv)
+    activation, beta, bn_gamma = a.activation, a.beta, a.bn_gamma
+    if a.lcnn:
+        from engine.models.lcnn import LCNN_DEFAULTS
+
+        activation = "centered_softplus"
+        beta = LCNN_DEFAULTS["beta"] if beta is None else beta
+        bn_gamma = LCNN_DEFAULTS["bn_gamma"] if bn_gamma is None else bn_gamma
     cfg = TrainConfig(data=a.data, model=a.model, manifest=a.manifest, epochs=a.epochs, workers=a.workers,
-                      gpus=a.gpus, seed=a.seed, optim=optim_from(a), out=a.out)
+                      gpus=a.gpus, seed=a.seed, budget=a.budget, weighting=a.weighting,
+                      curvature_lambda=a.curvature_lambda, curvature_eps=a.curvature_eps, gradreg=a.gradreg,
+                      activation=activation, beta=beta, spectral_norm=a.spectral_norm or a.lcnn, bn_gamma=bn_gamma,
+                      geometry=a.geometry, pgd_eps=tuple(a.pgd_eps), pgd_steps=a.pgd_steps,
+                      pgd_step_size=a.pgd_step_size, eval_samples=a.eval_samples, max_failures=a.max_failures,
+                      optim=optim_from(a), out=a.out)
     cfg.validate()
     return cfg
 
@@ -48,6 +97,11 @@ def load_subset(cfg: TrainConfig):
     """Check names, data and manifest before Ray starts. Returns (ids, weight, train size,
     manifest hash) with ids/weight None for full-data training."""
     check_model_name(cfg.model)
+    if cfg.model_options:
+        from engine.models import build_model
+
+        info = load_source(cfg.data).info()
+        build_model(cfg.model, info.image_shape[2], info.num_classes, info.image_shape[0], **cfg.model_options)
     source = load_source(cfg.data)
     n_train = source.num_rows("train")
     if cfg.manifest is None:
@@ -64,16 +118,26 @@ def load_subset(cfg: TrainConfig):
 def run_train(cfg: TrainConfig, subset: Optional[tuple] = None) -> dict:
     """Stages: check inputs (unless ``subset`` from ``load_subset`` is given), fit on Ray
     Train, write metrics.json. Assumes a Ray session."""
-    from engine.dist.train import fit_on_ray
+    import shutil
+
+    from engine.dist.train import PARTIAL, fit_on_ray
 
     ids, weight, n, manifest_hash = subset or load_subset(cfg)
-    with output_dir(cfg.out) as out:
-        m = fit_on_ray(cfg, ids, weight)
+    with output_dir(cfg.out, keep=(PARTIAL,)) as out:
+        (out / "metrics.json").unlink(missing_ok=True)  # a stale result must not outlive a failed rerun
+        m = fit_on_ray(cfg, ids, weight, manifest_hash)
         metrics = {"test_accuracy": m["test_accuracy"], "wall_time_s": m["wall_time_s"],
-                   "train_time_s": m.get("train_time_s"), "samples_seen": m["samples_seen"], "train_size": n,
-                   "epochs": cfg.epochs, "manifest": cfg.manifest, "manifest_hash": manifest_hash,
+                   "train_time_s": m.get("train_time_s"), "samples_seen": m["samples_seen"], "steps": m["steps"],
+                   "passes": m["passes"], "train_size": n, "epochs": cfg.epochs, "budget": cfg.budget,
+                   "weighting": cfg.weighting if cfg.manifest else None, "restarts": m.get("restarts", 0),
+                   "history": m.get("history", []), "geometry": m.get("geometry"),
+                   "robust_accuracy": m.get("robust_accuracy"), "data": cfg.data,
+                   "data_rows": {"train": load_source(cfg.data).num_rows("train"),
+                                 "test": load_source(cfg.data).num_rows("test")},
+                   "manifest": cfg.manifest, "manifest_hash": manifest_hash, "model_options": cfg.model_options,
                    "config": to_dict(cfg), "environment": artifacts.environment()}
         artifacts.write_json(out / "metrics.json", metrics)
+        shutil.rmtree(out / PARTIAL, ignore_errors=True)
     print(f"test accuracy {metrics['test_accuracy']:.4f} on {n} samples ({metrics['samples_seen']} seen) "
           f"in {metrics['wall_time_s']:.1f}s -> {Path(cfg.out) / 'metrics.json'}")
     return metrics

@@ -1,9 +1,19 @@
-"""Retraining on Ray Train: a ``TorchTrainer`` over a plain training function."""
+"""Retraining on Ray Train: a ``TorchTrainer`` over a plain training function.
+
+Each worker loads the data itself (an in-memory ``ArraySplit``; only the manifest's ids and
+weights travel), takes its share of every global batch, and trains. Rank 0 evaluates on the
+test split, and after each pass over the subset reports a checkpoint holding the model,
+optimizer, scheduler and counters. From that checkpoint a failed worker group restarts
+(``FailureConfig``) and a rerun of the same command resumes (the checkpoints live under
+``RUN/_partial/`` until the run succeeds). The shuffling order is a function of (seed, pass),
+so a resumed run takes exactly the steps an uninterrupted one would.
+"""
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -15,21 +25,39 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from engine.artifacts import atomic_write_bytes
-from engine.config import TrainConfig
+from engine.config import TrainConfig, to_dict
 from engine.data import load_source
+from engine.errors import RunFailedError, user_error
+
+CHAOS_FILE = "chaos-fail-worker"  # touch RUN/_partial/chaos-fail-worker: rank 0 exits after its next checkpoint
+PARTIAL = "_partial"
+
+# Fields that change what is trained; the evaluation and failure settings do not.
+_EVAL_ONLY = {"out", "geometry", "pgd_eps", "pgd_steps", "pgd_step_size", "eval_samples", "max_failures"}
+
+
+def run_fingerprint(cfg: TrainConfig, manifest_hash: Optional[str]) -> str:
+    """What the checkpoints of a run depend on: the training config and the manifest."""
+    d = {k: v for k, v in to_dict(cfg).items() if k not in _EVAL_ONLY}
+    d["manifest_hash"] = manifest_hash
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
 
 
 def _train_loop(loop_cfg: dict) -> None:
-    """Runs in every Ray Train worker: load the data, take this worker's share of each global
-    batch, train, and report test accuracy with a checkpoint every epoch (rank 0)."""
+    """Runs in every Ray Train worker."""
     from engine.models import build_model
-    from engine.train import evaluate, make_optimizer, seed_everything, shuffled_batches, train_epoch
+    from engine.train import (epoch_plan, evaluate, make_optimizer, seed_everything, shuffled_batches,
+                              train_epoch, weighted_batches)
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own line per epoch is enough
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own line per pass is enough
     cfg: TrainConfig = loop_cfg["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -38,64 +66,177 @@ def _train_loop(loop_cfg: dict) -> None:
     source = load_source(cfg.data)
     info = source.info()
     train = source.arrays("train")
+    full_n = len(train)
     weight = None
     if loop_cfg.get("ids") is not None:
         train = train.subset(loop_cfg["ids"])
-        weight = loop_cfg["weight"] / loop_cfg["weight"].mean()
+        weight = np.asarray(loop_cfg["weight"], dtype=np.float64)
+        weight = weight / weight.mean()
     test = source.arrays("test") if rank == 0 else None
 
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, info.image_shape[2], info.num_classes, info.image_shape[0])
+    model = build_model(cfg.model, info.image_shape[2], info.num_classes, info.image_shape[0], **cfg.model_options)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    global_batch = cfg.optim.batch_size * world
-    steps = cfg.epochs * math.ceil(len(train) / global_batch)
-    opt, sched = make_optimizer(model, cfg.optim, steps)
-    train_time = 0.0
-    for epoch in range(1, cfg.epochs + 1):
+    B = cfg.optim.batch_size
+    global_batch = B * world
+    passes, total_steps = epoch_plan(len(train), global_batch, cfg.epochs, cfg.budget, full_n)
+    opt, sched = make_optimizer(model, cfg.optim, total_steps)
+    penalty = _penalty(cfg, info)
+    state = {"epoch": 0, "steps": 0, "samples_seen": 0, "train_time_s": 0.0, "history": [], "restarts": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+        _unwrap(model).load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = {**saved["counters"], "restarts": saved["counters"].get("restarts", 0) + 1}
+        if rank == 0:
+            print(f"train: resuming after pass {state['epoch']}/{passes} from its checkpoint", flush=True)
+    sample_w = weight if (weight is not None and cfg.weighting == "loss") else None
+    chaos = Path(loop_cfg["work_dir"]) / CHAOS_FILE
+    start = state["epoch"] + 1
+    for epoch in range(start, passes + 1):
         t0 = time.time()
-        mine = [b[rank * cfg.optim.batch_size:(rank + 1) * cfg.optim.batch_size]
-                for b in shuffled_batches(len(train), global_batch, cfg.seed, epoch)]
+        if weight is not None and cfg.weighting == "sampling":
+            batches = weighted_batches(weight, global_batch, cfg.seed, epoch)
+        else:
+            batches = shuffled_batches(len(train), global_batch, cfg.seed, epoch)
+        batches = batches[: total_steps - state["steps"]]
+        mine = [b[rank * B:(rank + 1) * B] for b in batches]
         mine = [b for b in mine if len(b)]
-        loss, _ = train_epoch(model, opt, sched, train, info, mine, device, weight)
-        train_time += time.time() - t0
-        metrics = {"epoch": epoch, "train_loss": loss, "train_time_s": train_time,
-                   "samples_seen": epoch * len(train)}
+        loss, _ = train_epoch(model, opt, sched, train, info, mine, device, sample_w, penalty)
+        state["train_time_s"] += time.time() - t0
+        state["steps"] += len(batches)
+        state["samples_seen"] += int(sum(len(b) for b in batches))
+        state["epoch"] = epoch
+        metrics = {"epoch": epoch, "passes": passes, "train_loss": loss, **{k: state[k] for k in
+                   ("steps", "samples_seen", "train_time_s", "restarts")}}
         if rank == 0:
             metrics["test_accuracy"] = evaluate(model, test, info, device)
-            print(f"train: epoch {epoch}/{cfg.epochs} loss {loss:.4f} test-acc {metrics['test_accuracy']:.4f}")
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(_unwrap(model).state_dict(), os.path.join(tmp, "model.pt"))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            state["history"].append({"epoch": epoch, "train_loss": loss, "test_accuracy": metrics["test_accuracy"]})
+            print(f"train: pass {epoch}/{passes} loss {loss:.4f} test-acc {metrics['test_accuracy']:.4f}", flush=True)
+            if epoch == passes:  # Result.metrics are those of the last checkpoint: the final ones ride on it
+                metrics.update(_final_metrics(cfg, model, test, info, device, state, passes, metrics["test_accuracy"]))
+            _report_with_checkpoint(metrics, model, opt, sched, state)
+            if chaos.exists():
+                chaos.unlink(missing_ok=True)
+                # wait until the controller has registered this pass's checkpoint (reports are
+                # processed asynchronously), so the drill tests resuming rather than a lost report
+                ray.train.get_all_reported_checkpoints(timeout_s=60)
+                print("train: chaos drill, rank 0 exits", flush=True)
+                os._exit(17)
         else:
             ray.train.report(metrics)
+    if state["epoch"] == passes and checkpoint is not None and start == passes + 1:
+        # resumed from the last pass's checkpoint (the run died after it): report the final metrics again
+        if rank == 0:
+            final = _final_metrics(cfg, model, test, info, device, state, passes, evaluate(model, test, info, device))
+            _report_with_checkpoint(final, model, opt, sched, state)
+        else:
+            ray.train.report({"final": True})
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+def _report_with_checkpoint(metrics: dict, model, opt, sched, state: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "counters": state}, os.path.join(tmp, "state.pt"))
+        torch.save(_unwrap(model).state_dict(), os.path.join(tmp, "model.pt"))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
-def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.ndarray]) -> dict:
+def _final_metrics(cfg, model, test, info, device, state, passes, accuracy) -> dict:
+    final = {"final": True, "passes": passes, "test_accuracy": accuracy, "history": list(state["history"]),
+             **{k: state[k] for k in ("steps", "samples_seen", "train_time_s", "restarts")}}
+    final.update(_final_eval(cfg, _unwrap(model), test, info, device))
+    return final
+
+
+def _penalty(cfg: TrainConfig, info):
+    """λ·Curv + μ·GradReg per sample, or None. ``curvature_eps`` is in pixel units; the
+    model sees normalised inputs, so the step is divided by the data's (mean) std."""
+    if not cfg.curvature_lambda and not cfg.gradreg:
+        return None
+    from engine.train.regularizers import build_penalty
+
+    std = float(np.mean(np.asarray(info.std, dtype=np.float64)))
+    return build_penalty(curvature_lambda=cfg.curvature_lambda, gradreg_mu=cfg.gradreg,
+                         curvature_eps=cfg.curvature_eps / std)
+
+
+def _final_eval(cfg: TrainConfig, model, test, info, device) -> dict:
+    """The LCNN paper's geometry table and ℓ2 PGD robust accuracy on the test split (first
+    ``eval_samples`` rows), when asked for."""
+    out = {}
+    if not cfg.geometry and not cfg.pgd_eps:
+        return out
+    from engine.evaluation import geometry_metrics, robust_accuracy
+
+    n = cfg.eval_samples or None
+    model.eval()
+    if cfg.geometry:
+        t0 = time.time()
+        out["geometry"] = geometry_metrics(model, test, info, device, max_samples=n)
+        print(f"eval: geometry {json.dumps(out['geometry'])} ({time.time() - t0:.1f}s)", flush=True)
+    if cfg.pgd_eps:
+        t0 = time.time()
+        acc = robust_accuracy(model, test, info, device, eps_list=tuple(cfg.pgd_eps), steps=cfg.pgd_steps,
+                              step_size=cfg.pgd_step_size, max_samples=n)
+        out["robust_accuracy"] = {f"{float(k):g}": float(v) for k, v in acc.items()}
+        print(f"eval: l2 PGD accuracy {json.dumps(out['robust_accuracy'])} ({time.time() - t0:.1f}s)", flush=True)
+    return out
+
+
+def _raise_run_failed(exc: BaseException, cfg: TrainConfig, work: Path):
+    """A user error raised inside a worker keeps its message; a worker that died more often
+    than ``max_failures`` allows becomes one ``RunFailedError`` line naming the first error."""
+    err = user_error(exc)
+    if err is not None:
+        raise err from exc
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if "Error" in ln and "Training failed" not in ln and "Snippet" not in ln),
+                  lines[0] if lines else type(exc).__name__)
+    raise RunFailedError(f"training failed after {cfg.max_failures} restart(s) ({detail[:300]}); "
+                         f"checkpoints are kept in {work}: rerun the same command to resume "
+                         f"(worker logs: the Ray session's logs/train/)") from exc
+
+
+def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.ndarray],
+               manifest_hash: Optional[str] = None, work_dir: Optional[Path] = None) -> dict:
     """Train ``cfg.model`` with ``cfg.workers`` Ray Train workers on the manifest's subset
-    (``ids``/``weight``) or the whole training split. Returns the last epoch's metrics plus
-    wall time; the final weights are saved to ``{cfg.out}/model.pt``."""
+    (``ids``/``weight``) or the whole training split. Checkpoints go under
+    ``work_dir`` (default ``{cfg.out}/_partial``) in a run named by the config's
+    fingerprint, so a rerun of the same command resumes; a different config starts afresh.
+    Returns the final metrics plus wall time; the final weights are saved to
+    ``{cfg.out}/model.pt``."""
     out = Path(cfg.out).resolve()
-    # Each run starts fresh: Ray Train would otherwise find the previous run's checkpoints
-    # under the same name (resuming an interrupted run is a separate, explicit feature).
-    shutil.rmtree(out / "ray_train", ignore_errors=True)
+    work = Path(work_dir).resolve() if work_dir else out / PARTIAL
+    name = f"run-{run_fingerprint(cfg, manifest_hash)}"
+    if work.is_dir():  # checkpoints of another config cannot be resumed: drop them
+        for child in work.glob("ray_train/run-*"):
+            if child.name != name:
+                shutil.rmtree(child, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.workers)
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"cfg": cfg, "ids": ids, "weight": weight, "threads": threads},
+        train_loop_config={"cfg": cfg, "ids": ids, "weight": weight, "threads": threads, "work_dir": str(work)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=bool(cfg.gpus),
                                      resources_per_worker={"CPU": threads, **({"GPU": cfg.gpus} if cfg.gpus else {})}),
-        run_config=RunConfig(storage_path=str(out / "ray_train"), name="run"),
+        run_config=RunConfig(storage_path=str(work / "ray_train"), name=name,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     t0 = time.time()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        _raise_run_failed(exc, cfg, work)
     wall = time.time() - t0
     if result.error:
-        raise result.error
+        _raise_run_failed(result.error, cfg, work)
     metrics = dict(result.metrics or {})
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "model.pt"), map_location="cpu")

@@ -13,13 +13,15 @@ from engine.scores import SCORERS
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block and restore its previous mode after."""
-    was_training = model.training
+    """Put ``model`` in eval mode for the block; every submodule's own ``training`` flag is
+    restored after (a module the caller froze in eval mode stays frozen)."""
+    flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for m, flag in flags:
+            m.training = flag
 
 
 @SCORERS.register("el2n")

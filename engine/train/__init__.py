@@ -2,6 +2,7 @@
 from engine.train.loops import (  # noqa: F401
     ProxyRun,
     batch_to_input,
+    epoch_plan,
     evaluate,
     fit_proxy,
     make_optimizer,
@@ -9,4 +10,5 @@ from engine.train.loops import (  # noqa: F401
     seed_everything,
     shuffled_batches,
     train_epoch,
+    weighted_batches,
 )

@@ -55,6 +55,36 @@ def shuffled_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.
     return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+def weighted_batches(weight: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Weighted sampling: ``len(weight)`` positions drawn with replacement with probability
+    proportional to ``weight``, in an order fixed by (seed, epoch), cut into batches. When all
+    weights are equal this is exactly ``shuffled_batches`` (a permutation), so uniform
+    weights reproduce unweighted training."""
+    n = len(weight)
+    w = np.asarray(weight, dtype=np.float64)
+    if np.all(w == w[0]):
+        return shuffled_batches(n, batch_size, seed, epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    draw = torch.multinomial(torch.as_tensor(w / w.sum()), n, replacement=True, generator=g).numpy()
+    return [draw[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def epoch_plan(n: int, global_batch: int, epochs: int, budget: str, full_n: int) -> tuple[int, int]:
+    """(passes over the subset, optimizer steps in all) for a training budget.
+
+    ``budget="epochs"``: ``epochs`` passes over the subset of ``n`` samples (a subset of
+    fraction f costs about f of the full run). ``budget="steps"``: as many optimizer steps as
+    ``epochs`` passes over the full training split of ``full_n`` samples would take; the
+    subset is passed over repeatedly and the last pass is cut short."""
+    per_pass = math.ceil(n / global_batch)
+    if budget == "epochs":
+        return epochs, epochs * per_pass
+    if budget == "steps":
+        steps = epochs * math.ceil(full_n / global_batch)
+        return math.ceil(steps / per_pass), steps
+    raise ValueError(f"budget must be 'epochs' or 'steps', got {budget!r}")
+
+
 def train_epoch(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -64,12 +94,18 @@ def train_epoch(
     batches: Iterable[np.ndarray],
     device: torch.device,
     weight: Optional[np.ndarray] = None,
+    penalty: Optional[Callable] = None,
 ) -> tuple[float, np.ndarray]:
     """One pass over ``batches`` (arrays of positions into ``split``).
 
     ``weight``: optional float [N] per-sample loss weights, normalised by the caller to mean 1
     over the training set, so the loss is ``mean_b(w_b * CE_b)`` and all-ones weights give
     exactly the unweighted loss.
+
+    ``penalty``: optional ``(model, x, y) -> [B]`` per-sample regulariser (e.g.
+    ``engine.train.regularizers.build_penalty``: λ·Curv + μ·GradReg), added to each sample's
+    cross-entropy before weighting: the loss is ``mean_b(w_b * (CE_b + penalty_b))``. The
+    reported loss is that total.
 
     Returns (mean loss over the pass, correct: bool [N] with each visited sample's
     correctness in its own minibatch, as forgetting scores need; unvisited stay False).
@@ -82,6 +118,8 @@ def train_epoch(
         y = torch.as_tensor(split.label[idx], device=device)
         logits = model(x)
         ce = F.cross_entropy(logits, y, reduction="none")
+        if penalty is not None:
+            ce = ce + penalty(model, x, y)
         if weight is not None:
             ce = ce * torch.as_tensor(weight[idx], dtype=ce.dtype, device=device)
         loss = ce.mean()
