@@ -1,7 +1,7 @@
 """Time per sample of each scorer as a ratio to one plain training step of the same model and
 batch on the same device (forward + backward + SGD step; bf16 autocast on CUDA, float32 on
 CPU; the scorers run at the same precision where they allow it), and peak GPU memory of
-``grand`` against the training step.
+every scorer (``grand`` above all) against the training step.
 
     python bench/scorers.py --model resnet18-cifar --image-size 32 --batch 512
     python bench/scorers.py --model torchvision:resnet50 --image-size 224 --batch 256
@@ -71,9 +71,18 @@ def main(argv=None) -> None:
     p.add_argument("--precision", default=None, choices=["float32", "bf16"],
                    help="scorer precision (jobs.score --precision); default bf16 on CUDA, float32 on CPU, "
                         "matching the training step")
+    p.add_argument("--grand-conv", default=None, choices=["auto", "unfold", "ghost", "conv"],
+                   help="per-sample conv norm method of grand (engine.scores.pergrad; default auto, "
+                        "the cost model); forcing each one measures them on a new device")
+    p.add_argument("--tf32", default=None, choices=["on", "off"],
+                   help="TensorFloat-32 for curvature and nc on CUDA (default: curvature on, nc off)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     a = p.parse_args(argv)
 
+    if a.grand_conv:
+        import os
+
+        os.environ["WINNOW_GRAND_CONV"] = a.grand_conv
     device = torch.device(a.device)
     precision = a.precision or ("bf16" if device.type == "cuda" else "float32")
     torch.manual_seed(0)
@@ -96,21 +105,23 @@ def main(argv=None) -> None:
     base_mem = peak_memory(train_step, device)
     rows = [{"scorer": "train step", "s_per_batch": base, "ratio": 1.0, "peak_gib": base_mem}]
     jobs = []
+    tf32 = {} if a.tf32 is None else {"tf32": a.tf32 == "on"}
     for name in a.scorers.split(","):
         if name == "nc":
-            jobs += [(f"nc k={k}", "nc", {"iters": int(k)}) for k in a.nc_iters.split(",")]
+            jobs += [(f"nc k={k}", "nc", {"iters": int(k), **tf32}) for k in a.nc_iters.split(",")]
         else:
-            jobs.append((name, name, {}))
+            jobs.append((name, name, tf32 if name == "curvature" else {}))
     for label, name, kw in jobs:
         fn = lambda: score_batch({"m": model}, x, y, [(name, "m")], {name: kw}, precision)  # noqa: E731
         t = timed(fn, device, a.repeats)
-        mem = peak_memory(fn, device) if name == "grand" else float("nan")
+        mem = peak_memory(fn, device)
         rows.append({"scorer": label, "s_per_batch": t, "ratio": t / base, "peak_gib": mem})
         print(f"{label}: {t:.3f} s/batch, {t / base:.2f}x train step", flush=True)
 
     dev = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"\n{a.model} {a.image_size}x{a.image_size}, batch {a.batch}, {dev}, torch {torch.__version__}, "
-          f"scorers in {precision} (curvature and nc always float32)")
+          f"scorers in {precision} (curvature and nc always float32), grand conv method "
+          f"{a.grand_conv or 'auto'}, tf32 {a.tf32 or 'default (curvature on, nc off)'}")
     print("| scorer | s / batch | ms / sample | × train step | goal (GPU) | peak GiB |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -108,6 +108,33 @@ def input_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return torch.linalg.vector_norm(x.flatten(1).float(), dim=1)
 
 
+@contextlib.contextmanager
+def input_grad_mode(model: nn.Module, tf32: bool = False) -> Iterator[nn.Module]:
+    """For the input-gradient scorers: eval mode, gradients enabled, every parameter's
+    ``requires_grad`` switched off (the graph then holds no parameter edges and no parameter
+    gradient is ever formed; each flag is restored after), and on CUDA the TensorFloat-32 switches
+    of cuBLAS and cuDNN set to ``tf32`` for the block (restored after).
+
+    TF32 rounds matmul / convolution operands to a 10-bit mantissa (about 5e-4 relative):
+    acceptable for ``curvature``, whose step moves every input coordinate by 8/255 (expected
+    error about 1e-2 relative to float64; not measured on a GPU here), fatal for the finite-difference
+    HVPs of ``nc`` (an r = 1e-3 step changes each pixel by ~2e-5 relative, below TF32's
+    resolution), which therefore run with TF32 off. On CPU the switch does nothing."""
+    params = [(p, p.requires_grad) for p in model.parameters()]
+    cuda = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (cuda[0].allow_tf32, cuda[1].allow_tf32)
+    with eval_mode(model), torch.enable_grad():
+        try:
+            for p, _ in params:
+                p.requires_grad_(False)
+            cuda[0].allow_tf32 = cuda[1].allow_tf32 = tf32
+            yield model
+        finally:
+            cuda[0].allow_tf32, cuda[1].allow_tf32 = saved
+            for p, flag in params:
+                p.requires_grad_(flag)
+
+
 def _input_grad(model: nn.Module, x: torch.Tensor, fn, create_graph: bool = False) -> torch.Tensor:
     x = x.detach().requires_grad_(True)
     (g,) = torch.autograd.grad(fn(model, x), x, create_graph=create_graph)
@@ -116,7 +143,7 @@ def _input_grad(model: nn.Module, x: torch.Tensor, fn, create_graph: bool = Fals
 
 @SCORERS.register("curvature")
 def curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255,
-              direction: str = "sign", draws: int = 1, seed: int = 0) -> torch.Tensor:
+              direction: str = "sign", draws: int = 1, seed: int = 0, tf32: bool = True) -> torch.Tensor:
     """SLo-Curves input-loss curvature (Garg & Roy, CVPR 2023), float32 [B]:
     ``||∇_x L(x + h·v) − ∇_x L(x)||_2`` with ``v = sign(∇_x L(x)) / ||sign(∇_x L(x))||_2``.
 
@@ -126,8 +153,13 @@ def curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float 
     L∞ budget). No division by h: the score is the paper's ``Curv``, not a Hessian estimate.
     ``direction="rademacher"`` averages the same difference over ``draws`` random ±1
     directions (Hutchinson-style, the paper's ablation), seeded by ``seed``.
+
+    Cost: 1 + ``draws`` input-gradient passes (forward + backward to x only; parameters are
+    frozen for the call, see ``input_grad_mode``). ``tf32`` (default on): CUDA convolutions and
+    matmuls in TensorFloat-32 (cuDNN's own default for convolutions; expected about 1e-2
+    relative against float64); ``tf32=False`` for IEEE float32 (1e-3, tested). No effect on CPU.
     """
-    with eval_mode(model), torch.enable_grad():
+    with input_grad_mode(model, tf32=tf32):
         g0 = _input_grad(model, x, lambda m, v: _per_sample_ce_sum(m, v, y))
         d = g0[0].numel()
         h = eps * d**0.5
@@ -154,7 +186,7 @@ def _target_logit_sum(y: torch.Tensor):
 
 
 def geometry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iters: int = 10, hvp: str = "fd",
-             fd_step: float = 1e-3, eps: float = 1e-6, seed: int = 0) -> dict:
+             fd_step: float = 1e-3, eps: float = 1e-6, seed: int = 0, tf32: bool = False) -> dict:
     """LCNN model geometry per sample (Srinivas et al., NeurIPS 2022), for ``f(x)`` the
     pre-softmax logit of the labelled class (the paper measures the network's logit; we use
     the true class's so that the number does not depend on the prediction):
@@ -169,10 +201,13 @@ def geometry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iters: int =
     norm); its error is O(r) (relative error about 1e-3 at the float32 default, below 1e-6
     with r = 1e-7 in float64). ``hvp="exact"`` uses double backward. Note that a
     ReLU network's exact Hessian is zero almost everywhere; finite differences see the kinks.
+    Cost: 1 + ``iters`` input-gradient passes (``hvp="fd"``), parameters frozen for the call.
+    ``tf32`` stays off by default: TensorFloat-32's 10-bit mantissa is coarser than the
+    forward-difference step (see ``input_grad_mode``); no effect on CPU.
     Returns float32 [B] tensors.
     """
     f = _target_logit_sum(y)
-    with eval_mode(model), torch.enable_grad():
+    with input_grad_mode(model, tf32=tf32):
         x = x.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(f(model, x), x, create_graph=hvp == "exact")
         v = _start_direction(g.detach(), seed)
