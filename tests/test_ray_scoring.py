@@ -123,3 +123,58 @@ def test_rerun_after_driver_kill_reuses_shards(ray_local, tmp_path):
     np.testing.assert_array_equal(table["label"], labels)
     np.testing.assert_allclose(table["grand"], ref["grand@s0e0"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(table["el2n"], ref["el2n@s0e0"], rtol=1e-4, atol=1e-6)
+
+
+def test_actor_scores_whole_blocks_in_mini_batches_exactly_like_score_batch(ray_local):
+    """A map_batches call gets a whole block (thousands of rows); the actor scores it in
+    mini-batches of the score batch size with one device sync per call. Its scores and
+    gradient embeddings equal ``score_batch`` / ``grad_embedding`` on the same mini-batches
+    bit for bit, the last (short) mini-batch included, and its bookkeeping is per call."""
+    from engine.dist.scoring import ScoringActor
+    from engine.scores.embeddings import grad_embedding
+
+    cfg = ScoreConfig(data="digits", model="small-cnn")
+    states = init_states(cfg)
+    source = load_source(cfg.data)
+    info, arr = source.info(), source.arrays("train")
+    n, B = 1000, 128                                    # 7 full mini-batches and one of 104 rows
+    block = {"sample_id": arr.sample_id[:n], "label": arr.label[:n], "image": arr.image[:n],
+             "part": np.zeros(n, dtype=np.int32)}
+    actor = ScoringActor("small-cnn", info, [ray_local.put(states)], PLAN, {}, 0.0, embed=("s1e0", 16),
+                         batch_rows=B)
+    got = actor(block)
+    again = actor(block)
+    models = {}
+    for key, state in states.items():
+        m = build_model(cfg.model, info.image_shape[2], info.num_classes, info.image_shape[0])
+        m.load_state_dict(state)
+        models[key] = m.eval()
+    ref = {}
+    for i in range(0, n, B):
+        j = min(i + B, n)
+        x = batch_to_input(arr.image[i:j], info, torch.device("cpu"))
+        y = torch.as_tensor(arr.label[i:j])
+        for k, v in score_batch(models, x, y, PLAN, {}).items():
+            ref.setdefault(k, []).append(v)
+        ref.setdefault("grad_embedding", []).append(grad_embedding(models["s1e0"], x, y, 16).numpy())
+    for k, v in ref.items():
+        np.testing.assert_array_equal(got[k], np.concatenate(v), err_msg=k)
+        np.testing.assert_array_equal(again[k], got[k], err_msg=k)
+    np.testing.assert_array_equal(got["sample_id"], block["sample_id"])
+    assert len(set(got["_actor"].tolist())) == 1 and got["_busy"][0] > 0 and not got["_busy"][1:].any()
+    assert 0 < got["_init0"][0] <= got["_init1"][0] and not got["_init1"][1:].any()
+    assert not again["_init1"].any()                    # the constructor's times come once
+    assert np.all(got["_end"] == got["_end"][0]) and again["_end"][0] >= got["_end"][0]
+
+
+def test_read_plan_keeps_source_blocks_whole():
+    """Enough partitions: one read block each (Synthetic's 4,096-row chunks, multiples of the
+    score batch size), not Ray Data's default 200+ blocks of a few hundred rows; small inputs
+    are cut so that every actor gets work; huge blocks are cut by size."""
+    from engine.dist.scoring import CALL_BYTES, read_plan
+
+    assert read_plan([4096] * 48 + [3392], 3072, 512, 1) == (49, 4096)
+    assert read_plan([4096] * 4 + [3616], 224 * 224 * 3, 256, 1) == (5, 4096)
+    assert read_plan([1437], 64, 128, 2) == (8, 180)
+    blocks, rows = read_plan([100_000], 224 * 224 * 3, 256, 1)
+    assert blocks * CALL_BYTES >= 100_000 * 224 * 224 * 3 and rows * 224 * 224 * 3 <= CALL_BYTES

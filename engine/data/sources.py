@@ -108,7 +108,8 @@ SYNTH_CLASSES = 10
 
 @dataclass(frozen=True)
 class SyntheticPartition(Partition):
-    """Chunks [first, last) of a synthetic split; chunk c is drawn from rng([c, split_code])."""
+    """Chunks [first, last) of a synthetic split; chunk c is drawn from default_rng([c, split_code]):
+    its labels with ``integers``, then its image bytes as the bit generator's raw 64-bit words."""
 
     first_chunk: int
     last_chunk: int
@@ -126,9 +127,13 @@ class SyntheticPartition(Partition):
             start, stop = c * SYNTH_CHUNK, min((c + 1) * SYNTH_CHUNK, self.rows)
             rng = np.random.default_rng([c, self.split_code])
             n = stop - start
+            label = rng.integers(0, SYNTH_CLASSES, n).astype(np.int64)
+            # uniform bytes straight from the bit generator (about 3x faster than
+            # rng.integers(0, 256, dtype=uint8), which read tasks feeding a GPU notice)
+            size = n * int(np.prod(self.shape))
+            raw = rng.bit_generator.random_raw(-(-size // 8)).astype("<u8", copy=False)
             yield {"sample_id": np.arange(start, stop, dtype=np.int64) + self.id_offset,
-                   "label": rng.integers(0, SYNTH_CLASSES, n).astype(np.int64),
-                   "image": rng.integers(0, 256, (n, *self.shape), dtype=np.uint8)}
+                   "label": label, "image": raw.view(np.uint8)[:size].reshape(n, *self.shape)}
 
 
 class Synthetic(Source):

@@ -51,15 +51,30 @@ def train_proxies(cfg: ScoreConfig, checkpoint_epochs: tuple) -> list:
 
 class ScoringActor:
     """Callable class for ``map_batches``: models built and loaded once in ``__init__``, every
-    requested score for every checkpoint computed per batch. Each output row also carries
-    the actor's id (``_actor``) and its share of the batch's compute time (``_busy``) for the
-    per-actor rates. ``chaos_file``: if that file exists when a batch arrives, the actor
-    deletes it and exits abruptly (a drill for fault tolerance: Ray restarts the actor and
-    retries its batch)."""
+    requested score for every checkpoint computed per call.
+
+    A call gets a whole block (thousands of rows) and scores it in mini-batches of
+    ``batch_rows`` (the job's score batch size): each mini-batch's uint8 images go through a
+    pinned staging buffer with a non-blocking copy, are normalised on the device, and the
+    scores stay on the device until the call's end, so there is one device sync per call, not
+    several per mini-batch, and the host prepares mini-batch i+1 while the device computes i.
+    The scores equal ``score_batch`` on the same mini-batches (same scorers, same autocast,
+    same normalisation arithmetic; tested).
+
+    Bookkeeping rides along as compact numeric columns (it used to be a string column of the
+    actor id per row): ``_actor`` (an int64 key of the actor), ``_busy`` (the call's seconds, on
+    its first row; 0 on the others), ``_end`` (wall-clock time the call ended) and, on the
+    first row of an actor's first call, ``_init0``/``_init1`` (wall-clock times its constructor
+    began and ended; 0 elsewhere), for the rates and the start-up report. ``chaos_file``: if that file exists when a
+    call arrives, the actor deletes it and exits abruptly (a drill for fault tolerance: Ray
+    restarts the actor and retries its block). On CUDA the constructor also runs the plan once
+    on a dummy mini-batch (cuDNN/cuBLAS initialisation and lazy kernel loading), so that cost is
+    start-up, paid while the read tasks fill the queue, not the first block's."""
 
     def __init__(self, model_name: str, info, states_ref: list, plan: List[tuple], params: dict, gpus: float,
                  embed: tuple | None = None, precision: str = "float32", chaos_file: str | None = None,
-                 threads: int = 0):
+                 threads: int = 0, batch_rows: int = 0, warmup: bool = True):
+        init0 = time.time()
         import warnings
 
         import torch
@@ -75,22 +90,74 @@ class ScoringActor:
         self.device = pick_device(gpus)
         self.info, self.plan, self.params, self.precision = info, list(plan), params, precision
         self.embed = embed  # (checkpoint key, dim) for gradient embeddings, or None
+        self.batch_rows = int(batch_rows)
         self.chaos_file = chaos_file
-        self.actor_id = ray.get_runtime_context().get_actor_id() or f"pid{os.getpid()}"
+        actor_id = ray.get_runtime_context().get_actor_id()
+        self.actor_key = int(actor_id[:12], 16) if actor_id else os.getpid()
+        self.pin = self.device.type == "cuda"
+        # normalize()'s constants, made once on the device (it builds them per call: a sync each)
+        self.mean = torch.tensor(info.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         states = ray.get(states_ref[0])
         self.models = {}
         for key, state in states.items():
-            model = build_model(model_name, info.image_shape[2], info.num_classes, info.image_shape[0])
+            with self.device:  # parameters created where they will live (no CPU init + copy)
+                model = build_model(model_name, info.image_shape[2], info.num_classes, info.image_shape[0])
             model.load_state_dict(state)
             self.models[key] = model.to(self.device).eval()
         torch.set_grad_enabled(True)
+        if warmup and self.device.type == "cuda":
+            n = self.batch_rows or 64
+            self._score(np.zeros((n, *info.image_shape), np.uint8), np.zeros(n, np.int64))
+            torch.cuda.synchronize(self.device)
+        self.init_times = (init0, time.time())
 
-    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    def _input(self, images: np.ndarray):
+        """uint8 [B, H, W, C] -> normalised float32 [B, C, H, W] on the device: the arithmetic
+        of ``engine.data.transforms.normalize`` (bit for bit), with the uint8 bytes copied
+        through a pinned buffer (torch's caching host allocator reuses it once its copy is
+        done) so the host-to-device copy does not block the host."""
         import torch
 
-        from engine.scores import score_batch
-        from engine.train import batch_to_input
+        t = torch.from_numpy(images)
+        if self.pin:
+            staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            staged.copy_(t)
+            t = staged
+        t = t.to(self.device, non_blocking=True)
+        x = t.permute(0, 3, 1, 2).float().div_(255.0)
+        return ((x - self.mean) / self.std).contiguous()
 
+    def _score(self, images: np.ndarray, labels: np.ndarray) -> Dict[str, np.ndarray]:
+        """Scores of ``images``/``labels`` in mini-batches of ``batch_rows`` (all at once if 0);
+        what ``score_batch`` computes per mini-batch, with one device-to-host copy at the end."""
+        import contextlib
+
+        import torch
+
+        from engine.scores import SCORERS, runs_in_bf16
+
+        n = len(labels)
+        step = self.batch_rows or max(n, 1)
+        y_all = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)).to(self.device, non_blocking=self.pin)
+        parts: Dict[str, list] = {}
+        for i in range(0, n, step):
+            x = self._input(np.ascontiguousarray(images[i:i + step]))
+            y = y_all[i:i + step]
+            for name, key in self.plan:
+                ctx = (torch.autocast(x.device.type, dtype=torch.bfloat16) if runs_in_bf16(name, self.precision)
+                       else contextlib.nullcontext())
+                with ctx:
+                    score = SCORERS[name](self.models[key], x, y, **self.params.get(name, {}))
+                parts.setdefault(f"{name}@{key}", []).append(score.detach().float())
+            if self.embed:
+                from engine.scores.embeddings import grad_embedding
+
+                key, dim = self.embed
+                parts.setdefault("grad_embedding", []).append(grad_embedding(self.models[key], x, y, dim).float())
+        return {k: torch.cat(v).cpu().numpy() for k, v in parts.items()}
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         t0 = time.perf_counter()
         if self.chaos_file and os.path.exists(self.chaos_file):
             try:
@@ -99,18 +166,18 @@ class ScoringActor:
                 pass  # another actor took it
             else:
                 os._exit(17)
-        x = batch_to_input(batch["image"], self.info, self.device)
-        y = torch.as_tensor(batch["label"], device=self.device)
-        out = {"sample_id": batch["sample_id"], "label": batch["label"], "part": batch["part"]}
-        out.update(score_batch(self.models, x, y, self.plan, self.params, self.precision))
-        if self.embed:
-            from engine.scores.embeddings import grad_embedding
-
-            key, dim = self.embed
-            out["grad_embedding"] = grad_embedding(self.models[key], x, y, dim).cpu().numpy()
         n = len(batch["sample_id"])
-        out["_actor"] = np.full(n, self.actor_id)
-        out["_busy"] = np.full(n, (time.perf_counter() - t0) / max(n, 1), dtype=np.float32)
+        out = {"sample_id": batch["sample_id"], "label": batch["label"], "part": batch["part"]}
+        out.update(self._score(batch["image"], batch["label"]))
+        out["_actor"] = np.full(n, self.actor_key, dtype=np.int64)
+        out["_busy"] = np.zeros(n, dtype=np.float32)
+        out["_init0"], out["_init1"] = np.zeros(n), np.zeros(n)
+        out["_end"] = np.full(n, time.time())
+        if n:
+            out["_busy"][0] = time.perf_counter() - t0
+            if self.init_times:
+                out["_init0"][0], out["_init1"][0] = self.init_times
+                self.init_times = None
         return out
 
 
@@ -129,8 +196,10 @@ def fingerprint(cfg: ScoreConfig, states: Dict[str, dict], plan, params, embed, 
     return h.hexdigest()
 
 
-META_COLUMNS = ("part", "_actor", "_busy")
+META_COLUMNS = ("part", "_actor", "_busy", "_end", "_init0", "_init1")
 CHAOS_FILE = "chaos-kill-actor"  # touch WORK_DIR/chaos-kill-actor: one scoring actor exits (fault drill)
+CALL_BYTES = 1 << 30       # uint8 image bytes per read block (= per actor call) at most
+last_run: dict = {}       # timings of the latest ``score_on_ray`` run (``Progress.stats``; the bench reads them)
 
 
 def score_on_ray(cfg: ScoreConfig, states: Dict[str, dict], plan: List[tuple], params: Dict[str, dict],
@@ -138,7 +207,7 @@ def score_on_ray(cfg: ScoreConfig, states: Dict[str, dict], plan: List[tuple], p
     """Score every training sample by the ``(score, checkpoint key)`` pairs of ``plan`` with
     the checkpoints in ``states`` ({key: state_dict}) through a Ray Data actor pool.
 
-    Streaming: rows come back to the driver batch by batch (images never do), and each source
+    Streaming: rows come back to the driver block by block (images never do), and each source
     partition is written as a Parquet shard under ``work_dir/shards`` once all its rows are
     in. A rerun with the same configuration reuses the finished shards and scores only the
     rest. Returns numpy columns sorted by sample_id, after checking that each training id
@@ -158,6 +227,7 @@ def score_on_ray(cfg: ScoreConfig, states: Dict[str, dict], plan: List[tuple], p
     if done:
         print(f"resuming: reusing {len(done)} finished shard(s), {sum(sizes[p] for p in done)} rows; "
               f"scoring {len(todo)} partition(s), {sum(sizes[p] for p in todo)} rows", flush=True)
+    last_run.clear()
     if todo:
         _score_parts(cfg, source, states, plan, params, embed, target_rows, todo, sizes, store)
     cols = store.read_all()
@@ -166,28 +236,56 @@ def score_on_ray(cfg: ScoreConfig, states: Dict[str, dict], plan: List[tuple], p
     return _check_complete(cols, source.num_rows("train"))
 
 
-def _score_parts(cfg, source, states, plan, params, embed, target_rows, todo, sizes, store) -> None:
-    from engine.dist.datasource import read_source
+def read_plan(sizes: List[int], row_bytes: int, batch_rows: int, actors: int) -> tuple:
+    """(number of read blocks, rows in the largest block) for partitions of ``sizes`` rows.
 
-    ds = read_source(source, "train", target_rows=target_rows, only=todo)
+    One read task per partition, and no further splitting when there are enough of them:
+    blocks are then the source's own (Synthetic: 4096-row chunks; in-memory sources: one per
+    partition), whole multiples of the score batch size. (Ray Data's default asks for 200+
+    blocks and cut each partition into blocks of a few hundred rows that were no multiples of
+    the score batch size, so that every block ended in a short mini-batch and every call paid
+    Ray's per-call cost for a few hundred rows.) Split further only to keep a block under
+    ``CALL_BYTES``, or, for small inputs, so that each actor gets about four blocks."""
+    rows = sum(sizes)
+    want = max(len(sizes), -(-rows * row_bytes // CALL_BYTES),
+               min(4 * actors, -(-rows // max(batch_rows, 1))))
+    per = -(-want // len(sizes))          # Ray Data cuts each read task's output in ``per``
+    return want, -(-max(sizes) // per)
+
+
+def _score_parts(cfg, source, states, plan, params, embed, target_rows, todo, sizes, store) -> None:
+    from engine.dist.datasource import SourceDatasource
+
+    h, w, c = source.info().image_shape
+    blocks, block_rows = read_plan([sizes[p] for p in todo], h * w * c, cfg.score_batch_size, cfg.actors)
+    block_bytes = block_rows * h * w * c
+    ds = ray.data.read_datasource(SourceDatasource(source, "train", target_rows, only=todo),
+                                  override_num_blocks=blocks)
+    # a block is the unit of an actor call: let Ray Data keep the source's blocks whole
+    ctx = ds.context
+    ctx.target_max_block_size = max(ctx.target_max_block_size or 0, min(block_bytes, CALL_BYTES) + (1 << 20))
     ds = ds.map_batches(
         ScoringActor,
         fn_constructor_kwargs=dict(model_name=cfg.model, info=source.info(), states_ref=[ray.put(states)],
                                    plan=plan, params=params, gpus=cfg.gpus_per_actor, embed=embed,
                                    precision=cfg.precision, chaos_file=str(store.dir.parent / CHAOS_FILE),
-                                   threads=0 if cfg.gpus_per_actor else max(1, int(cfg.cpus_per_actor))),
-        batch_size=cfg.score_batch_size,
+                                   threads=0 if cfg.gpus_per_actor else max(1, int(cfg.cpus_per_actor)),
+                                   batch_rows=cfg.score_batch_size),
+        batch_size=block_rows,    # whole blocks; the actor cuts them into score mini-batches
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.actors),
         num_gpus=cfg.gpus_per_actor or None,
         num_cpus=cfg.cpus_per_actor,
+        # two tasks per actor at once: the next block is fetched and formatted while the current
+        # one is scored (Ray Data still runs the UDF itself one call at a time per actor)
+        max_concurrency=2,
     )
     total = sum(sizes[p] for p in todo)
     progress = Progress(total)
     buffers: Dict[int, list] = {}
     counts: Dict[int, int] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        progress.update(batch["_actor"], batch["_busy"])
+        progress.update(batch)
         part = batch["part"]
         rows = {k: v for k, v in batch.items() if k not in META_COLUMNS}
         for p in np.unique(part):
@@ -203,6 +301,7 @@ def _score_parts(cfg, source, states, plan, params, embed, target_rows, todo, si
                 else:  # a retried batch came back twice: keep one copy and wait for the rest
                     buffers[p], counts[p] = [merged], len(merged["sample_id"])
     progress.close()
+    last_run.update(progress.stats(), blocks=blocks)
     if buffers:
         missing = {p: sizes[p] - counts[p] for p in buffers}
         raise RuntimeError(f"scoring ended with {len(missing)} partition(s) incomplete (missing rows: {missing})")
@@ -221,24 +320,34 @@ def _dedupe(cols: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 
 class Progress:
-    """Rows scored so far (a line every ``every`` seconds) and, at the end, rows/s overall
-    and per actor (rows over the seconds that actor spent computing)."""
+    """Rows scored so far (a line every ``every`` seconds) and, at the end: rows/s overall; the
+    steady-state rate, from the end of the first call of any actor to the end of the last call
+    (actor-side clocks; so without the start-up); when the actors' constructors ran; and per
+    actor the rows over the seconds it spent in calls ("while computing")."""
 
     def __init__(self, total: int, every: float = 10.0):
         self.total, self.every = total, every
         self.done = 0
         self.t0 = self.last = time.time()
-        self.rows: Dict[str, int] = {}
-        self.busy: Dict[str, float] = {}
+        self.ends: List[tuple] = []       # (call end time, rows) per call, as blocks arrive
+        self.rows: Dict[int, int] = {}
+        self.busy: Dict[int, float] = {}
+        self.inits: Dict[int, tuple] = {}
 
-    def update(self, actors: np.ndarray, busy: np.ndarray) -> None:
-        self.done += len(actors)
-        ids, inv = np.unique(actors, return_inverse=True)
-        for i, a in enumerate(ids):
-            a = str(a)
-            self.rows[a] = self.rows.get(a, 0) + int((inv == i).sum())
-            self.busy[a] = self.busy.get(a, 0.0) + float(busy[inv == i].sum())
+    def update(self, batch: Dict[str, np.ndarray]) -> None:
+        actors = batch["_actor"]
         now = time.time()
+        self.done += len(actors)
+        ends, counts = np.unique(batch["_end"], return_counts=True)
+        self.ends.extend(zip(ends.tolist(), counts.tolist()))
+        ids, inv = np.unique(actors, return_inverse=True)
+        busy = np.bincount(inv, weights=batch["_busy"], minlength=len(ids))
+        count = np.bincount(inv, minlength=len(ids))
+        for i, a in enumerate(ids.tolist()):
+            self.rows[a] = self.rows.get(a, 0) + int(count[i])
+            self.busy[a] = self.busy.get(a, 0.0) + float(busy[i])
+        for j in np.flatnonzero(batch["_init1"]):
+            self.inits[int(actors[j])] = (float(batch["_init0"][j]) - self.t0, float(batch["_init1"][j]) - self.t0)
         if now - self.last >= self.every:
             self.last = now
             rate = self.done / max(now - self.t0, 1e-9)
@@ -246,11 +355,31 @@ class Progress:
             print(f"scoring: {self.done}/{self.total} rows ({100 * self.done / max(self.total, 1):.0f}%), "
                   f"{rate:.0f} rows/s, about {eta:.0f} s left", flush=True)
 
-    def close(self) -> None:
+    def stats(self) -> dict:
+        """wall_s; rows; first_block_s (run start to the end of the first call: the start-up);
+        steady_rows_per_s (rows of the calls that ended after the first one, over the time from
+        the first call's end to the last one's; None with a single call); inits ([(constructor
+        start, end)] in seconds from the run start); busy_s (seconds all actors spent in calls)."""
         wall = max(time.time() - self.t0, 1e-9)
-        per = ", ".join(f"{a[:8]}: {self.rows[a]} rows at {self.rows[a] / max(self.busy[a], 1e-9):.0f}/s"
+        out = {"wall_s": wall, "rows": self.done, "inits": sorted(self.inits.values()),
+               "busy_s": sum(self.busy.values()), "first_block_s": None, "steady_rows_per_s": None}
+        if self.ends:
+            ends = sorted(self.ends)
+            first, last = ends[0][0], ends[-1][0]
+            out["first_block_s"] = first - self.t0
+            if last > first:
+                out["steady_rows_per_s"] = sum(r for t, r in ends if t > first) / (last - first)
+        return out
+
+    def close(self) -> None:
+        s = self.stats()
+        per = ", ".join(f"{a:012x}"[:8] + f": {self.rows[a]} rows at {self.rows[a] / max(self.busy[a], 1e-9):.0f}/s"
                         for a in sorted(self.rows))
-        print(f"scored {self.done} rows in {wall:.1f}s: {self.done / wall:.0f} rows/s overall; "
+        inits = "; ".join(f"{a:.1f}-{b:.1f}s" for a, b in s["inits"]) or "?"
+        steady = f"{s['steady_rows_per_s']:.0f} rows/s" if s["steady_rows_per_s"] else "n/a (one call)"
+        first = f"{s['first_block_s']:.1f}s" if s["first_block_s"] is not None else "never"
+        print(f"scored {self.done} rows in {s['wall_s']:.1f}s: {self.done / s['wall_s']:.0f} rows/s overall, "
+              f"{steady} after the first call (which ended at {first}; actor constructor(s) ran {inits}); "
               f"{len(self.rows)} actor(s), rows/s while computing: {per}", flush=True)
 
 
