@@ -81,7 +81,7 @@ class TrainConfig:
     manifest: Optional[str] = None     # manifest.parquet; None = the full training split
     epochs: int = 10                   # passes over the (sub)set
     workers: int = 1                   # Ray Train workers
-    gpus: int = 0                      # GPUs per worker (0 = CPU)
+    gpus: float = 0                    # GPUs per worker (0 = CPU; fractions share a GPU between trials)
     seed: int = 0                      # init and shuffling seed
     budget: str = "epochs"             # "epochs": `epochs` passes over the subset; "steps": the optimizer steps of `epochs` full-data passes
     weighting: str = "loss"            # manifest weights as per-sample loss weights ("loss") or sampling probabilities ("sampling")
@@ -98,6 +98,8 @@ class TrainConfig:
     pgd_step_size: Optional[float] = None  # PGD step (None: 2.5·ε/steps)
     eval_samples: int = 1000           # test samples for geometry and PGD (0 = all)
     max_failures: int = 2              # worker-group restarts from the last checkpoint (Ray Train FailureConfig)
+    cpus_per_worker: Optional[float] = None  # CPUs each Ray Train worker reserves (None: the cluster's CPUs / workers)
+    checkpoint_storage: Optional[str] = None  # Ray Train storage_path for checkpoints (None: OUT/_partial; a multi-node cluster needs shared storage, e.g. s3://...)
     optim: OptimConfig = OptimConfig()
     out: str = "runs/train"            # run directory (metrics.json, checkpoints)
 
@@ -126,6 +128,8 @@ class TrainConfig:
             raise ConfigError(f"eval_samples must be 0 (all) or more, got {self.eval_samples!r}")
         if not isinstance(self.max_failures, int) or self.max_failures < 0:
             raise ConfigError(f"max_failures must be 0 or more, got {self.max_failures!r}")
+        if self.cpus_per_worker is not None:
+            _in_range(self, "cpus_per_worker", 0.01, 1024.0)
         self.optim.validate()
 
     @property

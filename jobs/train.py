@@ -37,7 +37,8 @@ def build_parser() -> Parser:
     p.add_argument("--model", default=d.model, help="model: small-cnn, resnet18-cifar, torchvision:NAME")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs over the (sub)set (default %(default)s)")
     p.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers (data parallel)")
-    p.add_argument("--gpus", type=int, default=d.gpus, help="GPUs per worker (0 = CPU training)")
+    p.add_argument("--gpus", type=float, default=d.gpus,
+                   help="GPUs per worker (0 = CPU training; a fraction such as 0.25 shares one GPU)")
     p.add_argument("--seed", type=int, default=d.seed, help="initialisation and shuffling seed")
     p.add_argument("--budget", choices=["epochs", "steps"], default=d.budget,
                    help="epochs: --epochs passes over the subset; steps: as many optimizer steps as --epochs "
@@ -68,6 +69,11 @@ def build_parser() -> Parser:
                    help="test samples for geometry and PGD (0 = all; default %(default)s)")
     p.add_argument("--max-failures", type=int, default=d.max_failures,
                    help="restarts of the worker group from the last checkpoint (default %(default)s)")
+    p.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker,
+                   help="CPUs each worker reserves (default: the cluster's CPUs / workers)")
+    p.add_argument("--checkpoint-storage", default=d.checkpoint_storage,
+                   help="where Ray Train keeps checkpoints: a path all nodes share or a URI such as s3://bucket/ckpt "
+                        "(needed on a multi-node cluster; default OUT/_partial)")
     p.add_argument("--out", default=d.out, help="run directory for metrics.json and model.pt")
     add_optim_flags(p)
     return p
@@ -88,6 +94,7 @@ def config_from(argv: Sequence[str]) -> TrainConfig:
                       activation=activation, beta=beta, spectral_norm=a.spectral_norm or a.lcnn, bn_gamma=bn_gamma,
                       geometry=a.geometry, pgd_eps=tuple(a.pgd_eps), pgd_steps=a.pgd_steps,
                       pgd_step_size=a.pgd_step_size, eval_samples=a.eval_samples, max_failures=a.max_failures,
+                      cpus_per_worker=a.cpus_per_worker, checkpoint_storage=a.checkpoint_storage,
                       optim=optim_from(a), out=a.out)
     cfg.validate()
     return cfg
@@ -115,9 +122,10 @@ def load_subset(cfg: TrainConfig):
     return ids, weight, len(ids), artifacts.file_hash(cfg.manifest)
 
 
-def run_train(cfg: TrainConfig, subset: Optional[tuple] = None) -> dict:
+def run_train(cfg: TrainConfig, subset: Optional[tuple] = None, callbacks: Sequence = ()) -> dict:
     """Stages: check inputs (unless ``subset`` from ``load_subset`` is given), fit on Ray
-    Train, write metrics.json. Assumes a Ray session."""
+    Train, write metrics.json. Assumes a Ray session. ``callbacks`` go to Ray Train (a sweep's
+    trial passes Tune's report callback)."""
     import shutil
 
     from engine.dist.train import PARTIAL, fit_on_ray
@@ -125,7 +133,7 @@ def run_train(cfg: TrainConfig, subset: Optional[tuple] = None) -> dict:
     ids, weight, n, manifest_hash = subset or load_subset(cfg)
     with output_dir(cfg.out, keep=(PARTIAL,)) as out:
         (out / "metrics.json").unlink(missing_ok=True)  # a stale result must not outlive a failed rerun
-        m = fit_on_ray(cfg, ids, weight, manifest_hash)
+        m = fit_on_ray(cfg, ids, weight, manifest_hash, callbacks=callbacks)
         metrics = {"test_accuracy": m["test_accuracy"], "wall_time_s": m["wall_time_s"],
                    "train_time_s": m.get("train_time_s"), "samples_seen": m["samples_seen"], "steps": m["steps"],
                    "passes": m["passes"], "train_size": n, "epochs": cfg.epochs, "budget": cfg.budget,
@@ -146,10 +154,13 @@ def run_train(cfg: TrainConfig, subset: Optional[tuple] = None) -> dict:
 def main(argv: Sequence[str]) -> None:
     cfg = config_from(argv)
     subset = load_subset(cfg)
-    from engine.dist.runtime import ray_session
+    from dataclasses import replace
 
-    with ray_session():
-        run_train(cfg, subset)
+    from engine.dist.runtime import ray_session
+    from engine.storage import staged_output
+
+    with staged_output(cfg.out) as local, ray_session():
+        run_train(replace(cfg, out=local), subset)
 
 
 if __name__ == "__main__":

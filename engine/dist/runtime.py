@@ -35,6 +35,7 @@ def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
     if ray.is_initialized():
         yield
         return
+    dashboard = dashboard and _dashboard_available()
     # Our workers print their own progress lines; Ray Train's print patch would echo each twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     kwargs = dict(include_dashboard=dashboard, log_to_driver=True, configure_logging=True,
@@ -49,6 +50,16 @@ def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
         yield
     finally:
         ray.shutdown()
+
+
+def _dashboard_available() -> bool:
+    """Whether this Ray install can serve the dashboard (``ray[default]``); a minimal Ray
+    (``ray[data,train,tune]`` only) runs the same jobs without it."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401  (Ray's own test for ray[default])
+    except ImportError:
+        return False
+    return True
 
 
 def cluster_cpus() -> int:

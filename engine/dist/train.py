@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import ray
@@ -37,7 +37,9 @@ CHAOS_FILE = "chaos-fail-worker"  # touch RUN/_partial/chaos-fail-worker: rank 0
 PARTIAL = "_partial"
 
 # Fields that change what is trained; the evaluation and failure settings do not.
-_EVAL_ONLY = {"out", "geometry", "pgd_eps", "pgd_steps", "pgd_step_size", "eval_samples", "max_failures"}
+# fields that do not change the trained weights: a run differing only in these resumes
+_EVAL_ONLY = {"out", "geometry", "pgd_eps", "pgd_steps", "pgd_step_size", "eval_samples", "max_failures",
+              "cpus_per_worker", "checkpoint_storage"}
 
 
 def run_fingerprint(cfg: TrainConfig, manifest_hash: Optional[str]) -> str:
@@ -95,6 +97,9 @@ def _train_loop(loop_cfg: dict) -> None:
         state = {**saved["counters"], "restarts": saved["counters"].get("restarts", 0) + 1}
         if rank == 0:
             print(f"train: resuming after pass {state['epoch']}/{passes} from its checkpoint", flush=True)
+    if device.type == "cuda":
+        train = _to_device(train, device)
+        _warm_up(model, train, info, device, penalty)
     sample_w = weight if (weight is not None and cfg.weighting == "loss") else None
     chaos = Path(loop_cfg["work_dir"]) / CHAOS_FILE
     start = state["epoch"] + 1
@@ -137,6 +142,39 @@ def _train_loop(loop_cfg: dict) -> None:
             _report_with_checkpoint(final, model, opt, sched, state)
         else:
             ray.train.report({"final": True})
+
+
+def _to_device(train, device: torch.device, limit_bytes: int = 2 << 30):
+    """The training split's uint8 images and labels moved to the GPU once (when they fit in
+    ``limit_bytes``): batches are then gathered there, with no host copy per step."""
+    if train.image.nbytes > limit_bytes:
+        return train
+    from engine.data import ArraySplit
+
+    return ArraySplit(train.sample_id, torch.as_tensor(train.image).to(device),
+                      torch.as_tensor(train.label).to(device))
+
+
+def _warm_up(model, train, info, device, penalty) -> None:
+    """One forward and backward pass of a throwaway copy of the model on one batch: CUDA's
+    lazy initialisation and cuDNN's algorithm search happen here, outside the timed passes
+    (``train_time_s``), and the real model, optimizer and random state are untouched."""
+    import copy
+
+    from engine.train import batch_to_input
+
+    rng = torch.get_rng_state()
+    shadow = copy.deepcopy(_unwrap(model)).train()
+    idx = np.arange(min(len(train), 128))
+    x = batch_to_input(train.image[idx], info, device)
+    y = torch.as_tensor(train.label[idx], device=device)
+    loss = torch.nn.functional.cross_entropy(shadow(x), y, reduction="none")
+    if penalty is not None:
+        loss = loss + penalty(shadow, x, y)
+    loss.mean().backward()
+    torch.cuda.synchronize(device)
+    del shadow
+    torch.set_rng_state(rng)
 
 
 def _report_with_checkpoint(metrics: dict, model, opt, sched, state: dict) -> None:
@@ -204,14 +242,24 @@ def _raise_run_failed(exc: BaseException, cfg: TrainConfig, work: Path):
                          f"(worker logs: the Ray session's logs/train/)") from exc
 
 
+def _storage_path(cfg: TrainConfig, work: Path) -> str:
+    """Where Ray Train keeps checkpoints: ``checkpoint_storage`` (a URI or shared path; runs
+    are told apart by the fingerprinted name, under the output directory's name) or local."""
+    if cfg.checkpoint_storage:
+        return cfg.checkpoint_storage.rstrip("/") + "/" + Path(cfg.out).resolve().name
+    return str(work / "ray_train")
+
+
 def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.ndarray],
-               manifest_hash: Optional[str] = None, work_dir: Optional[Path] = None) -> dict:
+               manifest_hash: Optional[str] = None, work_dir: Optional[Path] = None,
+               callbacks: Sequence = ()) -> dict:
     """Train ``cfg.model`` with ``cfg.workers`` Ray Train workers on the manifest's subset
     (``ids``/``weight``) or the whole training split. Checkpoints go under
     ``work_dir`` (default ``{cfg.out}/_partial``) in a run named by the config's
     fingerprint, so a rerun of the same command resumes; a different config starts afresh.
     Returns the final metrics plus wall time; the final weights are saved to
-    ``{cfg.out}/model.pt``."""
+    ``{cfg.out}/model.pt``. ``callbacks``: Ray Train ``UserCallback``s (a sweep passes Tune's
+    ``TuneReportCallback`` so every pass's metrics reach Tune)."""
     out = Path(cfg.out).resolve()
     work = Path(work_dir).resolve() if work_dir else out / PARTIAL
     name = f"run-{run_fingerprint(cfg, manifest_hash)}"
@@ -220,13 +268,14 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
             if child.name != name:
                 shutil.rmtree(child, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.workers)
+    cpus = cfg.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.workers)
+    threads = max(1, int(cpus))
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"cfg": cfg, "ids": ids, "weight": weight, "threads": threads, "work_dir": str(work)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=bool(cfg.gpus),
-                                     resources_per_worker={"CPU": threads, **({"GPU": cfg.gpus} if cfg.gpus else {})}),
-        run_config=RunConfig(storage_path=str(work / "ray_train"), name=name,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": cfg.gpus} if cfg.gpus else {})}),
+        run_config=RunConfig(storage_path=_storage_path(cfg, work), name=name, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     t0 = time.time()

@@ -107,12 +107,17 @@ def train_epoch(
     cross-entropy before weighting: the loss is ``mean_b(w_b * (CE_b + penalty_b))``. The
     reported loss is that total.
 
+    ``split`` may hold torch tensors already on ``device`` (the GPU path of Ray Train keeps a
+    small training set there) instead of numpy arrays.
+
     Returns (mean loss over the pass, correct: bool [N] with each visited sample's
     correctness in its own minibatch, as forgetting scores need; unvisited stay False).
     """
     model.train()
-    correct = np.zeros(len(split), dtype=bool)
-    total, count = 0.0, 0
+    # accumulated on the device and read once at the end: no host sync per step
+    correct = torch.zeros(len(split), dtype=torch.bool, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     for idx in batches:
         x = batch_to_input(split.image[idx], info, device)
         y = torch.as_tensor(split.label[idx], device=device)
@@ -127,10 +132,10 @@ def train_epoch(
         loss.backward()
         opt.step()
         sched.step()
-        correct[idx] = (logits.argmax(1) == y).cpu().numpy()
-        total += float(loss.detach()) * len(idx)
+        correct[torch.as_tensor(idx, device=device)] = logits.detach().argmax(1) == y
+        total += loss.detach().double() * len(idx)
         count += len(idx)
-    return total / max(count, 1), correct
+    return float(total) / max(count, 1), correct.cpu().numpy()
 
 
 @torch.no_grad()
