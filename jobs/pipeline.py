@@ -119,15 +119,18 @@ def format_table(rows: list) -> str:
 
 def main(argv: Sequence[str]) -> None:
     t0 = time.time()
-    score_cfg, selectors, fractions, train_cfg, out = plan(argv)
+    from engine.dist.runtime import ray_session
+    from engine.storage import staged_output
     from jobs.score import check_inputs
 
-    check_inputs(score_cfg)
-    from engine.dist.runtime import ray_session
-
-    with ray_session():
-        run_pipeline(score_cfg, selectors, fractions, train_cfg, out)
-    print(f"pipeline finished in {time.time() - t0:.0f}s; results in {out / 'results.md'}")
+    target = build_parser().parse_args(argv).out
+    with staged_output(target) as local:
+        score_cfg, selectors, fractions, train_cfg, out = plan([*argv, "--out", local])
+        check_inputs(score_cfg)
+        with ray_session():
+            run_pipeline(score_cfg, selectors, fractions, train_cfg, out)
+    where = f"{target}/results.md" if target != local else out / "results.md"
+    print(f"pipeline finished in {time.time() - t0:.0f}s; results in {where}")
 
 
 if __name__ == "__main__":

@@ -227,10 +227,13 @@ def _write(path: Path, cfg: ScoreConfig, ids, label, cols: dict, runs, epochs: d
 def main(argv: Sequence[str]) -> None:
     cfg = config_from(argv)
     check_inputs(cfg)
-    from engine.dist.runtime import ray_session
+    from dataclasses import replace
 
-    with ray_session():
-        run_score(cfg)
+    from engine.dist.runtime import ray_session
+    from engine.storage import staged_output
+
+    with staged_output(cfg.out) as local, ray_session():
+        run_score(replace(cfg, out=local))
 
 
 if __name__ == "__main__":

@@ -121,11 +121,14 @@ def main(argv: Sequence[str]) -> None:
     a = build_parser().parse_args(argv)
     if Path(a.out).is_dir():
         raise ConfigError(f"--out {a.out!r} is a directory; give the manifest's file name")
-    run_select(a.scores, a.selector, a.fraction, a.out, a.column, a.offset, a.seed, a.global_, a.embeddings,
-               solver=a.solver if a.selector == "geda" else None,
-               nodes=a.nodes if a.selector == "geda" else None,
-               time_limit=a.time_limit if a.selector == "geda" else None,
-               lam=a.lam, tol=a.tol, quantiles=a.quantiles)
+    from engine.storage import staged_file
+
+    with staged_file(a.out) as local:
+        run_select(a.scores, a.selector, a.fraction, local, a.column, a.offset, a.seed, a.global_, a.embeddings,
+                   solver=a.solver if a.selector == "geda" else None,
+                   nodes=a.nodes if a.selector == "geda" else None,
+                   time_limit=a.time_limit if a.selector == "geda" else None,
+                   lam=a.lam, tol=a.tol, quantiles=a.quantiles)
 
 
 if __name__ == "__main__":

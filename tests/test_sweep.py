@@ -1,0 +1,144 @@
+"""jobs.sweep end to end on the shared local Ray: scores once, manifests, Tune trials that fit a
+TorchTrainer each, results table, TensorBoard files, the report; resume; bad YAML."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs import sweep
+from tests.conftest import ROOT
+
+SMOKE = ROOT / "tune_configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(ray_local, tmp_path_factory):
+    from jobs._cli import run
+
+    out = tmp_path_factory.mktemp("sweep") / "smoke"
+    code = run("jobs.sweep", sweep.main, ["--config", str(SMOKE), "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_smoke_sweep_results(smoke_sweep):
+    out = smoke_sweep
+    spec = yaml.safe_load(SMOKE.read_text())
+    trials = sweep.expand_trials(spec)
+    table = pq.read_table(out / "results.parquet").to_pylist()
+    assert sorted(r["trial_id"] for r in table) == sorted(t["key"] for t in trials)
+    assert {r["label"] for r in table} == set(spec["param_space"]["selector"])
+    for r in table:
+        assert 0 < r["test_accuracy"] <= 1
+        m = json.loads((out / r["trial_dir"] / "metrics.json").read_text())
+        assert m["test_accuracy"] == r["test_accuracy"]
+        if r["selector"] == "full":
+            assert r["manifest"] is None and r["train_size"] == 6000
+        else:  # the trial trained on its manifest's rows
+            assert r["train_size"] == pq.read_table(out / r["manifest"]).num_rows == 1800
+    info = json.loads((out / "sweep.json").read_text())
+    assert info["complete"] and info["finished"] == len(trials) and not info["errors"]
+    # one score table for all trials
+    assert (out / "scores" / "scores.parquet").is_file()
+    assert len(list((out / "manifests").glob("*.parquet"))) == len(trials) - 1
+    # Tune's experiment with TensorBoard event files under the one storage path
+    assert list((out / "tune" / "smoke").rglob("events.out.tfevents*"))
+    assert (out / "results.csv").read_text().startswith("trial_id,") or "trial_id" in (out / "results.csv").read_text()
+    # the report renders from the sweep
+    html = (out / "report" / "report.html").read_text()
+    assert "<img" in html and "data:image/png;base64," in html
+
+
+def test_rerun_resumes_without_retraining(smoke_sweep, run_job):
+    out = smoke_sweep
+    before = {p: p.stat().st_mtime for p in (out / "trials").glob("*/metrics.json")}
+    victim = sorted(before)[0]
+    # an interrupted sweep: one trial's result and the sweep's summary are missing
+    shutil.rmtree(victim.parent)
+    (out / "sweep.json").unlink()
+    code, stdout, err = run_job(sweep, ["--config", SMOKE, "--out", out, "--no-report"])
+    assert code == 0, err
+    assert "scores: reusing" in stdout
+    after = {p: p.stat().st_mtime for p in (out / "trials").glob("*/metrics.json")}
+    assert set(after) == set(before)
+    for p, t in before.items():
+        if p != victim:
+            assert after[p] == t  # finished trials were not trained again
+    assert json.loads((out / "sweep.json").read_text())["complete"]
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("name: x\nparam_space: {selector: [random], fractions: [0.3]}\n", "param_space: unknown key"),
+    ("name: x\nparam_space: {selector: [nosuch], fraction: [0.3]}\n", "nosuch"),
+    ("name: x\nparam_space: {selector: [random], fraction: [1.5]}\n", "fraction"),
+    ("name: x\ntrain: {epochs: 1, seed: 3}\n", "set per trial"),
+    ("name: x\nresources: {gpus: 1}\n", "resources: unknown key"),
+    ("name: x\nparam_space: {variant: [lcnn]}\n", "variant"),
+    ("name: x\ndata: nosuchdata\n", "nosuchdata"),
+    ("name: [unclosed\n", "not valid YAML"),
+    ("wat: 1\n", "unknown key"),
+])
+def test_bad_yaml_is_one_line_exit_2(tmp_path, run_job, text, needle):
+    code, _, err = run_job(sweep, ["--config", _write(tmp_path, text), "--out", tmp_path / "o"])
+    assert code == 2
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_config(tmp_path, run_job):
+    code, _, err = run_job(sweep, ["--config", tmp_path / "nope.yaml"])
+    assert code == 2 and "no such file" in err
+
+
+def test_shipped_configs_expand_and_validate(tmp_path):
+    """Every shipped YAML parses, expands to the documented grid and validates its configs
+    (full and --smoke-test) without starting Ray."""
+    n = {}
+    for path in sorted((ROOT / "tune_configs").glob("*.yaml")):
+        text = path.read_text()
+        assert text.startswith("#") and "python -m jobs.sweep" in text and "runtime" in text and "shows" in text
+        for smoke in (False, True):
+            spec = sweep.load_spec(str(path), smoke)
+            trials = sweep.expand_trials(spec)
+            base = sweep.base_train_config(spec)
+            for t in trials:
+                sweep.trial_train_config(base, t, spec, tmp_path)
+            if not smoke:
+                n[path.stem] = trials
+    sel = n["fashion_mnist_selectors"]
+    labels = {t["label"] for t in sel if t["selector"] != "full"}
+    from engine.select import SELECTORS
+
+    assert {t["selector"] for t in sel} - {"full"} == set(SELECTORS)  # every selector
+    assert {t["fraction"] for t in sel if t["selector"] != "full"} == {0.1, 0.2, 0.3, 0.5, 0.7}
+    assert {t["seed"] for t in sel} == {0, 1, 2}
+    assert len(sel) == len(labels) * 5 * 3 + 3
+    lam = n["slo_curves_lambda"]
+    assert {t["curvature_lambda"] for t in lam} == {0, 0.5, 1, 5, 10, 20, 50}
+    geda = {t["selector"] for t in n["geda_thesis"]}
+    assert geda == {"full", "geda", "random", "random_quantile", "evenly_spaced", "craig", "gradmatch"}
+
+
+def test_set_overrides():
+    o = sweep.parse_overrides(["param_space.seed=[0]", "param_space.fraction=[0.1, 0.3]", "train.epochs=3"])
+    spec = sweep.load_spec(str(ROOT / "tune_configs" / "fashion_mnist_selectors.yaml"), False, o)
+    trials = sweep.expand_trials(spec)
+    assert {t["seed"] for t in trials} == {0} and {t["fraction"] for t in trials if t["selector"] != "full"} == {0.1, 0.3}
+    assert sweep.base_train_config(spec).epochs == 3
+
+
+@pytest.mark.parametrize("item, needle", [("nodot", "KEY=VALUE"), ("bogus.x=1", "unknown key"),
+                                          ("train.epochs=[1", "not valid YAML")])
+def test_bad_set_is_exit_2(tmp_path, run_job, item, needle):
+    code, _, err = run_job(sweep, ["--config", SMOKE, "--out", tmp_path / "o", "--set", item])
+    assert code == 2 and needle in err and "Traceback" not in err
