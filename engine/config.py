@@ -85,6 +85,7 @@ class TrainConfig:
     seed: int = 0                      # init and shuffling seed
     budget: str = "epochs"             # "epochs": `epochs` passes over the subset; "steps": the optimizer steps of `epochs` full-data passes
     weighting: str = "loss"            # manifest weights as per-sample loss weights ("loss") or sampling probabilities ("sampling")
+    loader: str = "memory"             # "memory": each worker holds the split; "ray-data": workers stream their shard of a Ray Dataset
     curvature_lambda: float = 0.0      # SLo-Curves regulariser: CE + λ·Curv(X)
     curvature_eps: float = 8 / 255     # Curv's step per input coordinate, in [0, 1] pixel units
     gradreg: float = 0.0               # LCNN GradReg weight μ (input-gradient norm penalty)
@@ -110,6 +111,11 @@ class TrainConfig:
             raise ConfigError(f"budget must be 'epochs' or 'steps', got {self.budget!r}")
         if self.weighting not in ("loss", "sampling"):
             raise ConfigError(f"weighting must be 'loss' or 'sampling', got {self.weighting!r}")
+        if self.loader not in ("memory", "ray-data"):
+            raise ConfigError(f"loader must be 'memory' or 'ray-data', got {self.loader!r}")
+        if self.loader == "ray-data" and self.weighting == "sampling":
+            raise ConfigError("loader 'ray-data' streams each row once per pass: use weighting 'loss' "
+                              "(weighted sampling needs the in-memory loader)")
         _in_range(self, "curvature_lambda", 0.0, 1e6)
         _in_range(self, "curvature_eps", 1e-6, 1.0)
         _in_range(self, "gradreg", 0.0, 1e6)

@@ -43,6 +43,10 @@ def build_parser() -> Parser:
     p.add_argument("--budget", choices=["epochs", "steps"], default=d.budget,
                    help="epochs: --epochs passes over the subset; steps: as many optimizer steps as --epochs "
                         "passes over the full training split (default %(default)s)")
+    p.add_argument("--loader", choices=["memory", "ray-data"], default=d.loader,
+                   help="memory: every worker holds the training split (small data, exact resume); ray-data: "
+                        "workers stream their shard of a Ray Dataset read in parallel (large data; loss "
+                        "weighting only) (default %(default)s)")
     p.add_argument("--weighting", choices=["loss", "sampling"], default=d.weighting,
                    help="manifest weights as per-sample loss weights or as sampling probabilities (with "
                         "replacement, unweighted loss) (default %(default)s)")
@@ -90,6 +94,7 @@ def config_from(argv: Sequence[str]) -> TrainConfig:
         bn_gamma = LCNN_DEFAULTS["bn_gamma"] if bn_gamma is None else bn_gamma
     cfg = TrainConfig(data=a.data, model=a.model, manifest=a.manifest, epochs=a.epochs, workers=a.workers,
                       gpus=a.gpus, seed=a.seed, budget=a.budget, weighting=a.weighting,
+                      loader=a.loader,
                       curvature_lambda=a.curvature_lambda, curvature_eps=a.curvature_eps, gradreg=a.gradreg,
                       activation=activation, beta=beta, spectral_norm=a.spectral_norm or a.lcnn, bn_gamma=bn_gamma,
                       geometry=a.geometry, pgd_eps=tuple(a.pgd_eps), pgd_steps=a.pgd_steps,

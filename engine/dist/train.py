@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -67,13 +68,18 @@ def _train_loop(loop_cfg: dict) -> None:
         torch.set_num_threads(max(1, int(loop_cfg.get("threads", 1))))
     source = load_source(cfg.data)
     info = source.info()
-    train = source.arrays("train")
-    full_n = len(train)
+    stream = cfg.loader == "ray-data"
     weight = None
-    if loop_cfg.get("ids") is not None:
-        train = train.subset(loop_cfg["ids"])
-        weight = np.asarray(loop_cfg["weight"], dtype=np.float64)
-        weight = weight / weight.mean()
+    if stream:  # rows arrive from this worker's Ray Data shard; counts come from the driver
+        train, n_rows, full_n = None, loop_cfg["rows"], loop_cfg["full_rows"]
+    else:
+        train = source.arrays("train")
+        full_n = len(train)
+        if loop_cfg.get("ids") is not None:
+            train = train.subset(loop_cfg["ids"])
+            weight = np.asarray(loop_cfg["weight"], dtype=np.float64)
+            weight = weight / weight.mean()
+        n_rows = len(train)
     test = source.arrays("test") if rank == 0 else None
 
     seed_everything(cfg.seed)
@@ -82,7 +88,7 @@ def _train_loop(loop_cfg: dict) -> None:
     device = ray.train.torch.get_device()
     B = cfg.optim.batch_size
     global_batch = B * world
-    passes, total_steps = epoch_plan(len(train), global_batch, cfg.epochs, cfg.budget, full_n)
+    passes, total_steps = epoch_plan(n_rows, global_batch, cfg.epochs, cfg.budget, full_n)
     opt, sched = make_optimizer(model, cfg.optim, total_steps)
     penalty = _penalty(cfg, info)
     state = {"epoch": 0, "steps": 0, "samples_seen": 0, "train_time_s": 0.0, "history": [], "restarts": 0}
@@ -97,7 +103,7 @@ def _train_loop(loop_cfg: dict) -> None:
         state = {**saved["counters"], "restarts": saved["counters"].get("restarts", 0) + 1}
         if rank == 0:
             print(f"train: resuming after pass {state['epoch']}/{passes} from its checkpoint", flush=True)
-    if device.type == "cuda":
+    if device.type == "cuda" and not stream:
         train = _to_device(train, device)
         _warm_up(model, train, info, device, penalty)
     sample_w = weight if (weight is not None and cfg.weighting == "loss") else None
@@ -105,17 +111,22 @@ def _train_loop(loop_cfg: dict) -> None:
     start = state["epoch"] + 1
     for epoch in range(start, passes + 1):
         t0 = time.time()
-        if weight is not None and cfg.weighting == "sampling":
-            batches = weighted_batches(weight, global_batch, cfg.seed, epoch)
+        if stream:
+            steps, seen, loss = _stream_pass(model, opt, sched, info, device, penalty, cfg, epoch,
+                                             total_steps - state["steps"], n_rows, world)
         else:
-            batches = shuffled_batches(len(train), global_batch, cfg.seed, epoch)
-        batches = batches[: total_steps - state["steps"]]
-        mine = [b[rank * B:(rank + 1) * B] for b in batches]
-        mine = [b for b in mine if len(b)]
-        loss, _ = train_epoch(model, opt, sched, train, info, mine, device, sample_w, penalty)
+            if weight is not None and cfg.weighting == "sampling":
+                batches = weighted_batches(weight, global_batch, cfg.seed, epoch)
+            else:
+                batches = shuffled_batches(len(train), global_batch, cfg.seed, epoch)
+            batches = batches[: total_steps - state["steps"]]
+            mine = [b[rank * B:(rank + 1) * B] for b in batches]
+            mine = [b for b in mine if len(b)]
+            loss, _ = train_epoch(model, opt, sched, train, info, mine, device, sample_w, penalty)
+            steps, seen = len(batches), int(sum(len(b) for b in batches))
         state["train_time_s"] += time.time() - t0
-        state["steps"] += len(batches)
-        state["samples_seen"] += int(sum(len(b) for b in batches))
+        state["steps"] += steps
+        state["samples_seen"] += seen
         state["epoch"] = epoch
         metrics = {"epoch": epoch, "passes": passes, "train_loss": loss, **{k: state[k] for k in
                    ("steps", "samples_seen", "train_time_s", "restarts")}}
@@ -142,6 +153,62 @@ def _train_loop(loop_cfg: dict) -> None:
             _report_with_checkpoint(final, model, opt, sched, state)
         else:
             ray.train.report({"final": True})
+
+
+def _stream_pass(model, opt, sched, info, device, penalty, cfg: TrainConfig, epoch: int, steps_left: int,
+                 n_rows: int, world: int) -> tuple:
+    """One pass over this worker's Ray Data shard (rows shuffled within a local buffer, seeded
+    by seed and pass). Returns (global steps, global rows, this worker's mean loss). Every
+    worker's shard has the same number of rows (Ray Train splits with ``equal=True``), so they
+    take the same number of steps; a full pass must deliver every manifest row once, which is
+    checked against the driver's count."""
+    from engine.train import train_stream_epoch
+
+    B = cfg.optim.batch_size
+    shard = ray.train.get_dataset_shard("train")
+    batches = shard.iter_torch_batches(batch_size=B, local_shuffle_buffer_size=max(8 * B, 2048),
+                                       local_shuffle_seed=cfg.seed * 100_003 + epoch)
+    loss, rows, steps = train_stream_epoch(model, opt, sched, batches, info, device, penalty, steps_left)
+    counts = torch.tensor([rows, steps], dtype=torch.int64, device=device)
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+        steps_total = int(counts[1]) // world  # every worker took the same steps
+    else:
+        steps_total = int(counts[1])
+    rows_total = int(counts[0])
+    full_pass = steps_left >= math.ceil((n_rows // world) / B)  # the budget allowed a whole pass
+    if full_pass and not n_rows - world < rows_total <= n_rows:  # an equal split drops fewer than `world` rows
+        raise RuntimeError(f"the Ray Data shard(s) delivered {rows_total} rows in pass {epoch}, expected {n_rows}")
+    return steps_total, rows_total, loss
+
+
+def train_dataset(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.ndarray]):
+    """The training split as a Ray Dataset read in parallel from the source's partitions,
+    restricted to the manifest's ids with their weights (normalised to mean 1) as a
+    ``weight`` column; all rows with weight 1 without a manifest."""
+    from engine.dist.datasource import read_source
+
+    ds = read_source(load_source(cfg.data), "train")
+    if ids is None:
+        return ds.map_batches(_with_unit_weight, batch_format="numpy")
+    order = np.argsort(ids)
+    w = np.asarray(weight, dtype=np.float64)
+    return ds.map_batches(_subset_rows, batch_format="numpy",
+                          fn_kwargs={"ids": np.asarray(ids, dtype=np.int64)[order],
+                                     "weight": (w / w.mean())[order].astype(np.float32)})
+
+
+def _with_unit_weight(batch: dict) -> dict:
+    return {"image": batch["image"], "label": batch["label"],
+            "weight": np.ones(len(batch["label"]), dtype=np.float32)}
+
+
+def _subset_rows(batch: dict, ids: np.ndarray, weight: np.ndarray) -> dict:
+    """The rows whose sample_id is in ``ids`` (sorted), with their weight."""
+    sid = np.asarray(batch["sample_id"], dtype=np.int64)
+    pos = np.clip(np.searchsorted(ids, sid), 0, len(ids) - 1)
+    keep = ids[pos] == sid
+    return {"image": batch["image"][keep], "label": batch["label"][keep], "weight": weight[pos[keep]]}
 
 
 def _to_device(train, device: torch.device, limit_bytes: int = 2 << 30):
@@ -268,11 +335,20 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
             if child.name != name:
                 shutil.rmtree(child, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    cpus = cfg.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.workers)
+    total_cpus = int(ray.cluster_resources().get("CPU", 1))
+    # the ray-data loader's read tasks need CPUs of their own: leave one free
+    spare = 1 if cfg.loader == "ray-data" else 0
+    cpus = cfg.cpus_per_worker or max(1, (total_cpus - spare) // cfg.workers)
     threads = max(1, int(cpus))
+    loop_cfg = {"cfg": cfg, "ids": ids, "weight": weight, "threads": threads, "work_dir": str(work)}
+    datasets = None
+    if cfg.loader == "ray-data":  # rows stream to the workers; only counts travel in the config
+        full = sum(p.num_rows for p in load_source(cfg.data).partitions("train"))
+        loop_cfg.update(ids=None, weight=None, rows=full if ids is None else len(ids), full_rows=full)
+        datasets = {"train": train_dataset(cfg, ids, weight)}
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"cfg": cfg, "ids": ids, "weight": weight, "threads": threads, "work_dir": str(work)},
+        train_loop_config=loop_cfg, datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=bool(cfg.gpus),
                                      resources_per_worker={"CPU": cpus, **({"GPU": cfg.gpus} if cfg.gpus else {})}),
         run_config=RunConfig(storage_path=_storage_path(cfg, work), name=name, callbacks=list(callbacks),

@@ -10,5 +10,7 @@ from engine.train.loops import (  # noqa: F401
     seed_everything,
     shuffled_batches,
     train_epoch,
+    train_step,
+    train_stream_epoch,
     weighted_batches,
 )

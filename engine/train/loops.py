@@ -121,21 +121,50 @@ def train_epoch(
     for idx in batches:
         x = batch_to_input(split.image[idx], info, device)
         y = torch.as_tensor(split.label[idx], device=device)
-        logits = model(x)
-        ce = F.cross_entropy(logits, y, reduction="none")
-        if penalty is not None:
-            ce = ce + penalty(model, x, y)
-        if weight is not None:
-            ce = ce * torch.as_tensor(weight[idx], dtype=ce.dtype, device=device)
-        loss = ce.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        correct[torch.as_tensor(idx, device=device)] = logits.detach().argmax(1) == y
-        total += loss.detach().double() * len(idx)
+        w = None if weight is None else torch.as_tensor(weight[idx], device=device)
+        logits, loss = train_step(model, opt, sched, x, y, w, penalty)
+        correct[torch.as_tensor(idx, device=device)] = logits.argmax(1) == y
+        total += loss * len(idx)
         count += len(idx)
     return float(total) / max(count, 1), correct.cpu().numpy()
+
+
+def train_step(model: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor] = None,
+               penalty: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on ``mean_b(w_b · (CE_b + penalty_b))``; returns the detached logits
+    and the float64 loss (both still on the device)."""
+    logits = model(x)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    if penalty is not None:
+        ce = ce + penalty(model, x, y)
+    if w is not None:
+        ce = ce * w.to(ce.dtype)
+    loss = ce.mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return logits.detach(), loss.detach().double()
+
+
+def train_stream_epoch(model: nn.Module, opt, sched, batches: Iterable[dict], info: DataInfo, device: torch.device,
+                       penalty: Optional[Callable] = None, max_steps: Optional[int] = None) -> tuple[float, int, int]:
+    """One pass over streamed dict batches ``{"image" uint8 [B, H, W, C], "label", "weight"}``
+    (a Ray Data shard), at most ``max_steps`` steps. Returns (mean loss, rows, steps)."""
+    model.train()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    rows = steps = 0
+    for batch in batches:
+        if max_steps is not None and steps >= max_steps:
+            break
+        x = batch_to_input(batch["image"], info, device)
+        y = torch.as_tensor(batch["label"], device=device).long()
+        w = torch.as_tensor(batch["weight"], device=device) if "weight" in batch else None
+        _, loss = train_step(model, opt, sched, x, y, w, penalty)
+        total += loss * len(y)
+        rows += len(y)
+        steps += 1
+    return float(total) / max(rows, 1), rows, steps
 
 
 @torch.no_grad()
