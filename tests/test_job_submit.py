@@ -52,7 +52,9 @@ def ray_head():
     pytest.importorskip("ray.dashboard.optional_deps", reason="ray job submit needs ray[default]")
     temp_dir = tempfile.mkdtemp(prefix="wjs-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     gcs, dash, client, agent, metrics, env_agent, grpc, nm, om = free_ports(9)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # the test's interpreter first on PATH (CI runs .venv/bin/python without activating the venv)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     cmd = [str(RAY), "start", "--head", "--block", f"--temp-dir={temp_dir}", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
@@ -81,7 +83,7 @@ def ray_head():
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         for pid in _pids_under(temp_dir):  # daemons that left the group: stop them by PID
@@ -105,7 +107,7 @@ def test_pipeline_smoke_test_via_ray_job_submit(ray_head, tmp_path):
     sub_id = f"winnow-test-{os.getpid()}"
     submit = subprocess.run(
         [str(RAY), "job", "submit", "--working-dir", ".", "--submission-id", sub_id, "--",
-         "python", "-m", "jobs.pipeline", "--smoke-test", "--out", str(out)],
+         sys.executable, "-m", "jobs.pipeline", "--smoke-test", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     log = submit.stdout + submit.stderr
     assert submit.returncode == 0, log[-3000:]
@@ -123,7 +125,7 @@ def test_failed_job_reports_failure(ray_head, tmp_path):
     env = {**env, "RAY_ADDRESS": address}
     sub_id = f"winnow-bad-{os.getpid()}"
     subprocess.run([str(RAY), "job", "submit", "--working-dir", ".", "--submission-id", sub_id, "--",
-                    "python", "-m", "jobs.select", "--scores", str(tmp_path / "missing.parquet"), "--selector",
+                    sys.executable, "-m", "jobs.select", "--scores", str(tmp_path / "missing.parquet"), "--selector",
                     "random", "--fraction", "0.5", "--out", str(tmp_path / "m.parquet")],
                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert status_of(address, sub_id) == "FAILED"

@@ -142,3 +142,106 @@ def test_set_overrides():
 def test_bad_set_is_exit_2(tmp_path, run_job, item, needle):
     code, _, err = run_job(sweep, ["--config", SMOKE, "--out", tmp_path / "o", "--set", item])
     assert code == 2 and needle in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_asha_sweep_settles_every_trial(ray_local, run_job, tmp_path):
+    """ASHA on the per-pass test accuracy that each trial's Ray Train reports reach Tune with:
+    every trial ends finished (metrics.json) or stopped early (stopped-early.json, kept by a
+    rerun), and the sweep counts as complete."""
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec.update(name="asha", train={"epochs": 3}, asha={"grace_period": 1, "reduction_factor": 4})
+    spec["param_space"]["selector"] = ["random", "topk:el2n", "geda:gradnorm_init"]
+    spec["param_space"]["fraction"] = [0.1, 0.3]
+    spec["resources"] = {"cpus_per_trial": 0.95}
+    cfg = tmp_path / "asha.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "asha"
+    code, stdout, err = run_job(sweep, ["--config", cfg, "--out", out, "--no-report"])
+    assert code == 0, err
+    trials = sweep.expand_trials(spec)
+    finished = {t["key"] for t in trials if (out / "trials" / t["key"] / "metrics.json").is_file()}
+    stopped = {t["key"] for t in trials if (out / "trials" / t["key"] / sweep.STOPPED).is_file()}
+    assert finished | stopped == {t["key"] for t in trials} and not finished & stopped
+    assert finished and stopped  # ASHA cut some at rung 1; the best ran all 3 passes and kept their results
+    info = json.loads((out / "sweep.json").read_text())
+    assert info["complete"] and sorted(info["stopped_early"]) == sorted(stopped)
+    assert len(pq.read_table(out / "results.parquet")) == len(finished)
+    code, stdout, err = run_job(sweep, ["--config", cfg, "--out", out, "--no-report"])
+    assert code == 0 and "not rerun" in stdout
+
+
+def test_orphaned_placement_groups_are_reclaimed(ray_local):
+    """A placement group created by an actor outlives the actor (its lifetime is the job's):
+    the reclaimer removes it once its creator is dead, and leaves alone the groups of live
+    actors and of the driver. Fails if a stopped trial's Train workers' CPUs stay reserved."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from engine.dist.tune import (ReclaimOrphanedPlacementGroups, orphaned_placement_groups,
+                                  reclaim_orphaned_placement_groups)
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def make(self):
+            pg = placement_group([{"CPU": 0.1}])
+            ray.get(pg.ready(), timeout=60)
+            return pg.id.hex()
+
+    dead, alive = Creator.remote(), Creator.remote()
+    dead_pg, alive_pg = ray.get(dead.make.remote()), ray.get(alive.make.remote())
+    driver_pg = placement_group([{"CPU": 0.1}])
+    ray.get(driver_pg.ready(), timeout=60)
+    try:
+        assert dead_pg not in orphaned_placement_groups()
+        ray.kill(dead)
+        deadline = time.monotonic() + 30
+        while dead_pg not in orphaned_placement_groups() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        orphans = orphaned_placement_groups()
+        assert dead_pg in orphans and alive_pg not in orphans and driver_pg.id.hex() not in orphans
+        cb = ReclaimOrphanedPlacementGroups()
+        cb.on_trial_complete(0, [], None)
+        assert dead_pg in cb.reclaimed
+        assert ray.util.placement_group_table()[dead_pg]["state"] == "REMOVED"
+        assert ray.util.placement_group_table()[alive_pg]["state"] == "CREATED"
+    finally:
+        ray.kill(alive)
+        remove_placement_group(driver_pg)
+        deadline = time.monotonic() + 30  # leave the shared Ray with its CPUs free
+        while alive_pg not in reclaim_orphaned_placement_groups() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def test_asha_stops_trailing_trials_but_never_at_the_last_pass():
+    """Stock ASHA STOPs every trial at max_t, and Tune then kills it before its function
+    writes metrics.json; ours cuts trailing trials at earlier rungs only."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from engine.dist.tune import asha_scheduler
+
+    sched = asha_scheduler(passes=3, grace_period=1, reduction_factor=2)
+    trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(3)]
+    for t in trials:
+        sched.on_trial_add(None, t)
+
+    def report(t, it, acc):
+        return sched.on_trial_result(None, t, {"training_iteration": it, "test_accuracy": acc})
+
+    assert report(trials[0], 1, 0.9) == TrialScheduler.CONTINUE
+    assert report(trials[1], 1, 0.1) == TrialScheduler.STOP  # trails the first at rung 1
+    assert report(trials[2], 1, 0.95) == TrialScheduler.CONTINUE
+    assert report(trials[0], 2, 0.91) == TrialScheduler.CONTINUE
+    assert report(trials[2], 2, 0.10) == TrialScheduler.STOP  # trails at rung 2
+    assert report(trials[0], 3, 0.92) == TrialScheduler.CONTINUE  # its last pass: it finishes
+    # a rung at the last pass does not cut either
+    sched = asha_scheduler(passes=2, grace_period=1, reduction_factor=2)
+    for t in trials:
+        sched.on_trial_add(None, t)
+    report(trials[0], 1, 0.9), report(trials[1], 1, 0.95)
+    report(trials[1], 2, 0.96)
+    assert report(trials[0], 2, 0.5) == TrialScheduler.CONTINUE

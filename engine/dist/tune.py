@@ -15,12 +15,16 @@ trial it recorded as finished, even when that trial's result was lost.)
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 from typing import Callable, List, Optional, Sequence
 
 import ray
 from ray import tune
 
+
+logger = logging.getLogger(__name__)
 
 # What a trial's own function reserves (Tune refuses an empty request); its TorchTrainer's
 # workers reserve the trial's real resources.
@@ -70,18 +74,115 @@ def run_tuner(trainable: Callable[[dict], None], trials: Sequence[dict], *, stor
     fn = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
     scheduler = None
     if asha:
-        scheduler = tune.schedulers.ASHAScheduler(
-            time_attr="training_iteration", metric="test_accuracy", mode="max", max_t=max(1, max_t),
-            grace_period=int(asha.get("grace_period", 1)), reduction_factor=float(asha.get("reduction_factor", 2)))
+        scheduler = asha_scheduler(max_t, int(asha.get("grace_period", 1)), float(asha.get("reduction_factor", 2)))
+    callbacks = [ReclaimOrphanedPlacementGroups()]
     tuner = tune.Tuner(
         fn,
         param_space={"trial": tune.grid_search(list(trials))},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=scheduler,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(storage_path=storage, name=name, verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=1)),
+                                  failure_config=tune.FailureConfig(max_failures=1), callbacks=callbacks),
     )
     return tuner.fit()
+
+
+def asha_scheduler(passes: int, grace_period: int, reduction_factor: float):
+    """ASHA on the per-pass test accuracy that stops trials only *before* their last pass.
+
+    Stock ASHA stops every trial when it reports ``max_t`` and may cut one at a rung equal to
+    its last pass: Tune then kills the trial between its last report and the end of its
+    function, so a fully trained trial loses its result (metrics.json, model) to a race. Here
+    a STOP at or after the last pass becomes CONTINUE: the trial finishes and keeps its result;
+    trials that trail at an earlier rung are stopped as usual."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class _StopBeforeLastPass(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP and result.get("training_iteration", 0) >= passes:
+                self._num_stopped -= 1
+                return TrialScheduler.CONTINUE
+            return action
+
+    passes = max(1, int(passes))
+    return _StopBeforeLastPass(time_attr="training_iteration", metric="test_accuracy", mode="max",
+                               max_t=passes, grace_period=min(int(grace_period), passes),
+                               reduction_factor=reduction_factor, stop_last_trials=False)
+
+
+def orphaned_placement_groups(job_id: Optional[str] = None) -> List[str]:
+    """Hex ids of this job's placement groups whose creator actor has died: not detached, not
+    removed, created by an actor (not by a driver) that is dead.
+
+    A trial's ``TorchTrainer`` places its workers in a placement group that its Train
+    controller actor creates. When Tune stops the trial (ASHA) or it fails, the trial actor
+    and its controller die, but a placement group created by an actor lives as long as the
+    *job*: its CPUs/GPUs stay reserved and the next trials' workers never get scheduled (a
+    sweep that hangs forever at "pending placement groups"). Ray Train's own cleaner removes
+    it only when it can reach the state API, i.e. only with the dashboard; this check reads
+    the GCS placement-group table directly and works on a minimal Ray too."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    job = job_id or ray.get_runtime_context().get_job_id()
+    out = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        d = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        creator = d.creator_actor_id
+        by_actor = bool(creator) and creator != b"\xff" * len(creator)
+        if (d.state != gcs_pb2.PlacementGroupTableData.REMOVED and not d.is_detached and by_actor
+                and d.creator_actor_dead and d.creator_job_id.hex() == job):
+            out.append(d.placement_group_id.hex())
+    return out
+
+
+def reclaim_orphaned_placement_groups(job_id: Optional[str] = None) -> List[str]:
+    """Remove :func:`orphaned_placement_groups`; returns the ids removed."""
+    from ray.util.placement_group import PlacementGroup
+
+    removed = []
+    for pg_hex in orphaned_placement_groups(job_id):
+        try:
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
+            removed.append(pg_hex)
+        except Exception as e:  # noqa: BLE001  (removed meanwhile, e.g. by Ray Train's cleaner)
+            logger.debug("placement group %s not removed: %s", pg_hex, e)
+    return removed
+
+
+class ReclaimOrphanedPlacementGroups(tune.Callback):
+    """Tune callback (driver side): every ``interval_s`` of the Tune loop, and whenever a trial
+    ends, remove the placement groups that stopped or failed trials' Train controllers left
+    behind (see :func:`orphaned_placement_groups`)."""
+
+    def __init__(self, interval_s: float = 2.0):
+        self.interval_s = interval_s
+        self._last = 0.0
+        self.reclaimed: List[str] = []
+
+    def _reclaim(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.interval_s:
+            return
+        self._last = now
+        try:
+            removed = reclaim_orphaned_placement_groups()
+        except Exception as e:  # noqa: BLE001  (never let housekeeping fail a sweep)
+            logger.warning("could not check for orphaned placement groups: %s", e)
+            return
+        if removed:
+            logger.info("released %d placement group(s) left by stopped trials", len(removed))
+            self.reclaimed.extend(removed)
+
+    def on_step_begin(self, iteration, trials, **info):
+        self._reclaim()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._reclaim(force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._reclaim(force=True)
 
 
 def _trial_name(trial) -> str:
