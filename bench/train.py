@@ -153,8 +153,12 @@ LCNN_ROWS = {"standard": [], "LCNN": ["--lcnn"], "GradReg": ["--gradreg", "{mu}"
 def bench_lcnn_table(a) -> list:
     import subprocess
 
+    wanted = [r.strip() for r in a.rows.split(",")] if a.rows else list(LCNN_ROWS)
+    unknown = [r for r in wanted if r not in LCNN_ROWS]
+    if unknown:
+        raise SystemExit(f"bench/train.py: error: --rows: unknown row(s) {unknown}; known: {list(LCNN_ROWS)}")
     rows = []
-    for name, extra in LCNN_ROWS.items():
+    for name, extra in ((n, LCNN_ROWS[n]) for n in wanted):
         out = Path(a.out) / name.replace(" + ", "-").replace(" ", "-").lower()
         cmd = [sys.executable, "-m", "jobs.train", "--data", a.data, "--model", a.model, "--epochs", str(a.epochs),
                "--batch-size", str(a.batch), "--seed", str(a.seed), "--geometry", "--pgd-eps", "0.05,0.1,0.15,0.2",
@@ -208,6 +212,7 @@ def main() -> None:
     t.add_argument("--pgd-steps", type=int, default=20)
     t.add_argument("--eval-samples", type=int, default=1000)
     t.add_argument("--gpus", action="store_true")
+    t.add_argument("--rows", default="", help="comma-separated subset of: " + ", ".join(LCNN_ROWS))
     t.add_argument("--out", default="runs/lcnn-table")
     for s in (f, r, t):
         s.add_argument("--json", default=None)

@@ -361,3 +361,49 @@ def test_normalize_torch_input_layout_and_values():
     out = normalize(torch.from_numpy(img), (0.5, 0.0), (0.5, 2.0))
     assert out.shape == (1, 2, 1, 2) and out.dtype == torch.float32 and out.is_contiguous()
     torch.testing.assert_close(out, torch.tensor([[[[-1.0, -0.6]], [[0.5, 0.2]]]]))
+
+
+def test_content_key_follows_the_data_not_just_the_spec(specs, tmp_path):
+    """Resumable scoring shards are keyed by ``content_key``: it must stay put for unchanged data
+    and move when a file-backed source's training files change in place."""
+    import os
+
+    from engine.data.sources import SYNTH_GENERATOR
+
+    keys = {name: load_source(spec).content_key() for name, spec in specs.items()}
+    for name, spec in specs.items():
+        assert load_source(spec).content_key() == keys[name], f"{name}: key not stable"
+        assert keys[name].startswith(load_source(spec).spec)
+    assert SYNTH_GENERATOR in keys["synthetic"]
+
+    def bump(path: Path, data: bytes | None = None):
+        if data is not None:
+            path.write_bytes(data)
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    pq_path = Path(specs["parquet"].split(":", 1)[1])
+    images, labels = tiny_arrays(seed=1)
+    write_parquet_source(pq_path, images, labels)
+    bump(pq_path)
+    fm_dir = Path(specs["fashion-mnist"].split(":", 1)[1])
+    bump(fm_dir / "train-labels-idx1-ubyte.gz")
+    bump(tmp_path / "if" / "dog" / "002.png")
+    for name in ("parquet", "fashion-mnist", "imagefolder"):
+        assert load_source(specs[name]).content_key() != keys[name], f"{name}: change not seen"
+    # the test split's files are not part of the training rows' identity
+    before = load_source(specs["fashion-mnist"]).content_key()
+    bump(fm_dir / "t10k-images-idx3-ubyte.gz")
+    assert load_source(specs["fashion-mnist"]).content_key() == before
+
+
+def test_scoring_fingerprint_uses_the_content_key():
+    from engine.config import ScoreConfig
+    from engine.dist.scoring import fingerprint
+
+    cfg = ScoreConfig(data="digits", model="small-cnn")
+    states = {"s0": {"w": torch.zeros(3)}}
+    base = fingerprint(cfg, states, [("el2n", "s0")], {}, None, 2048)
+    assert base == fingerprint(cfg, states, [("el2n", "s0")], {}, None, 2048, "digits")
+    assert base != fingerprint(cfg, states, [("el2n", "s0")], {}, None, 2048, "digits;files=1;0123")
+    assert base != fingerprint(cfg, {"s0": {"w": torch.ones(3)}}, [("el2n", "s0")], {}, None, 2048)

@@ -178,3 +178,23 @@ def test_read_plan_keeps_source_blocks_whole():
     assert read_plan([1437], 64, 128, 2) == (8, 180)
     blocks, rows = read_plan([100_000], 224 * 224 * 3, 256, 1)
     assert blocks * CALL_BYTES >= 100_000 * 224 * 224 * 3 and rows * 224 * 224 * 3 <= CALL_BYTES
+
+
+def test_in_memory_sources_reach_read_tasks_by_reference(ray_local):
+    """Read tasks of an in-memory source carry object refs, not pixels, and still deliver
+    every row exactly as the source's arrays hold it."""
+    import ray.cloudpickle as cloudpickle
+
+    from engine.dist.datasource import SourceDatasource, read_source
+
+    source = load_source("fashion-mnist-mini")
+    arrays = source.arrays("train")
+    tasks = SourceDatasource(source, "train", target_rows=1024).get_read_tasks(4)
+    assert len(tasks) == 4
+    assert max(len(cloudpickle.dumps(t)) for t in tasks) < 64 * 1024, "pixels travel inside the task"
+    rows = read_source(source, "train", target_rows=1024).take_all()
+    got = sorted(rows, key=lambda r: r["sample_id"])
+    order = np.argsort(arrays.sample_id)
+    assert [r["sample_id"] for r in got] == arrays.sample_id[order].tolist()
+    assert np.array_equal(np.stack([r["image"] for r in got]), arrays.image[order])
+    assert np.array_equal(np.array([r["label"] for r in got]), arrays.label[order])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 import hashlib
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -96,6 +96,13 @@ class Source(abc.ABC):
     def partitions(self, split: str, target_rows: int = 8192) -> list[Partition]:
         """Pieces covering every row of ``split`` exactly once."""
 
+    def content_key(self) -> str:
+        """What the rows of the training split depend on besides the spec: file names, sizes
+        and modification times for file-backed sources, the generator's version for synthetic
+        data. Resumable work (the scoring shards) is keyed by it, so data changed in place is
+        scored afresh instead of being stitched to stale shards. Default: the spec."""
+        return self.spec
+
     def arrays(self, split: str) -> ArraySplit:
         """The whole split in memory (small data). Default: read every partition."""
         parts = [b for p in self.partitions(check_split(split)) for b in p.read()]
@@ -164,3 +171,14 @@ def in_holdout(sample_id: np.ndarray, percent: int = 10) -> np.ndarray:
     """Deterministic test holdout: True for ids whose hash falls in the lowest ``percent``%."""
     h = np.array([stable_id(f"holdout:{int(i)}") % 100 for i in np.asarray(sample_id)], dtype=np.int64)
     return h < percent
+
+
+def files_key(spec: str, stats: Iterable[tuple]) -> str:
+    """``spec`` plus a digest of (name, size, mtime_ns) of each file: a cheap identity of
+    file-backed data (``Source.content_key``)."""
+    h = hashlib.sha256()
+    n = 0
+    for name, size, mtime in stats:
+        h.update(f"{name}\0{size}\0{mtime}\n".encode())
+        n += 1
+    return f"{spec};files={n};{h.hexdigest()[:16]}"

@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from engine.data.base import DataInfo, Partition, Source, check_split, in_holdout, stable_id, validate_rows
+from engine.data.base import (DataInfo, Partition, Source, check_split, files_key, in_holdout, stable_id,
+                              validate_rows)
 from engine.data.sources import DATASETS, GENERIC_MEAN, GENERIC_STD
 from engine.errors import ConfigError, DataError
 
@@ -199,6 +200,11 @@ class ParquetSource(Source):
         self._parts: dict = {}
         self._info: Optional[DataInfo] = None
 
+    def content_key(self) -> str:
+        files = self.files["train"][0]
+        infos = self.fs.get_file_info(files)
+        return files_key(self.spec, ((os.path.relpath(i.path, self.base), i.size, i.mtime_ns) for i in infos))
+
     def _uri(self, path: str) -> str:
         return path if "://" not in self.uri else f"{self.uri.split('://')[0]}://{path}"
 
@@ -314,6 +320,13 @@ class ImageFolderSource(Source):
         first = self.lists["train"][0]
         with open(first[0], "rb") as fh:
             self.shape = decode_image(fh.read(), first[1]).shape
+
+    def content_key(self) -> str:
+        def stats():
+            for path, rel, label in self.lists["train"]:
+                st = os.stat(path)
+                yield f"{rel}:{label}", st.st_size, st.st_mtime_ns
+        return files_key(self.spec, stats())
 
     def _scan(self, top: Path) -> list:
         files = []

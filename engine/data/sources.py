@@ -10,8 +10,8 @@ from typing import Iterator, Optional
 import numpy as np
 
 from engine.data.base import (ArraySplit, DataInfo, InMemorySource, Partition, Source, check_split,
-                              validate_rows)
-from engine.data.idx import FASHION_CLASSES, read_idx_split
+                              files_key, validate_rows)
+from engine.data.idx import FASHION_CLASSES, find_idx, read_idx_split
 from engine.errors import ConfigError, DataError
 from engine.registry import Registry
 
@@ -63,6 +63,10 @@ class FashionMnist(InMemorySource):
     def info(self) -> DataInfo:
         return DataInfo(self.spec, 10, (28, 28, 1), FASHION_MEAN, FASHION_STD, FASHION_CLASSES)
 
+    def content_key(self) -> str:
+        files = [find_idx(self.directory, "train", kind) for kind in ("images", "labels")]
+        return files_key(self.spec, ((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
     def _load(self, split: str) -> ArraySplit:
         images, labels = read_idx_split(self.directory, split)
         return ArraySplit(np.arange(len(labels), dtype=np.int64), images, labels)
@@ -104,6 +108,7 @@ def _digits():
 
 SYNTH_CHUNK = 4096
 SYNTH_CLASSES = 10
+SYNTH_GENERATOR = "rng([chunk,split])-labels-then-raw64"  # change when the bytes drawn change
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,9 @@ class Synthetic(Source):
     def info(self) -> DataInfo:
         c = self.shape[2]
         return DataInfo(self.spec, SYNTH_CLASSES, self.shape, (GENERIC_MEAN,) * c, (GENERIC_STD,) * c)
+
+    def content_key(self) -> str:
+        return f"{self.spec};generator={SYNTH_GENERATOR}"
 
     def num_rows(self, split: str) -> int:
         return self.n if check_split(split) == "train" else min(10000, max(100, self.n // 10))

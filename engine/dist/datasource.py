@@ -8,19 +8,41 @@ from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource
 
 from engine.data import Source
+from engine.data.base import ArrayPartition
+
+
+class _StoredPartition:
+    """An in-memory partition put in the object store once: read tasks carry the reference,
+    not the arrays (a task spec holding megabytes of pixels is shipped with every task and
+    retry, and Ray warns about it), and the reading worker maps the arrays zero-copy."""
+
+    def __init__(self, part: ArrayPartition):
+        import ray
+
+        self.num_rows = part.num_rows
+        self.ref = ray.put(part)
+
+    def read(self):
+        import ray
+
+        yield from ray.get(self.ref).read()
 
 
 class SourceDatasource(Datasource):
     """Each read task reads one or more of the source's partitions and yields Arrow blocks
-    ``{sample_id, image (uint8 tensor), label}``; nothing passes through the driver.
-    With ``only`` (partition indices), just those partitions are read, and every row carries
-    its partition's index in a ``part`` column (the unit of scoring shards and resume)."""
+    ``{sample_id, image (uint8 tensor), label}``. File-backed and synthetic partitions are
+    descriptions (paths, row ranges, seeds) read by the task itself; in-memory partitions
+    (small data already loaded by the driver) are put in the object store once and the tasks
+    carry references. With ``only`` (partition indices), just those partitions are read, and
+    every row carries its partition's index in a ``part`` column (the unit of scoring shards
+    and resume)."""
 
     def __init__(self, source: Source, split: str, target_rows: int = 8192, only: Optional[List[int]] = None):
         super().__init__()
         parts = source.partitions(split, target_rows)
         self._tag = only is not None
-        self._parts = [(i, parts[i]) for i in (range(len(parts)) if only is None else only)]
+        self._parts = [(i, _StoredPartition(parts[i]) if isinstance(parts[i], ArrayPartition) else parts[i])
+                       for i in (range(len(parts)) if only is None else only)]
         h, w, c = source.info().image_shape
         self._row_bytes = h * w * c + 16
 

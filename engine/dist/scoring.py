@@ -131,11 +131,9 @@ class ScoringActor:
     def _score(self, images: np.ndarray, labels: np.ndarray) -> Dict[str, np.ndarray]:
         """Scores of ``images``/``labels`` in mini-batches of ``batch_rows`` (all at once if 0);
         what ``score_batch`` computes per mini-batch, with one device-to-host copy at the end."""
-        import contextlib
-
         import torch
 
-        from engine.scores import SCORERS, runs_in_bf16
+        from engine.scores import score_plan
 
         n = len(labels)
         step = self.batch_rows or max(n, 1)
@@ -144,12 +142,8 @@ class ScoringActor:
         for i in range(0, n, step):
             x = self._input(np.ascontiguousarray(images[i:i + step]))
             y = y_all[i:i + step]
-            for name, key in self.plan:
-                ctx = (torch.autocast(x.device.type, dtype=torch.bfloat16) if runs_in_bf16(name, self.precision)
-                       else contextlib.nullcontext())
-                with ctx:
-                    score = SCORERS[name](self.models[key], x, y, **self.params.get(name, {}))
-                parts.setdefault(f"{name}@{key}", []).append(score.detach().float())
+            for k, v in score_plan(self.models, x, y, self.plan, self.params, self.precision).items():
+                parts.setdefault(k, []).append(v)
             if self.embed:
                 from engine.scores.embeddings import grad_embedding
 
@@ -181,12 +175,15 @@ class ScoringActor:
         return out
 
 
-def fingerprint(cfg: ScoreConfig, states: Dict[str, dict], plan, params, embed, target_rows: int) -> str:
-    """What the scores of a shard depend on: data, partitioning, checkpoints, scores, params."""
+def fingerprint(cfg: ScoreConfig, states: Dict[str, dict], plan, params, embed, target_rows: int,
+                data_key: str | None = None) -> str:
+    """What the scores of a shard depend on: data (``data_key``, the source's
+    ``content_key()``: files' sizes and times, the synthetic generator; the spec if not
+    given), partitioning, checkpoints, scores, params."""
     import torch
 
     h = hashlib.sha256()
-    h.update(json.dumps({"data": cfg.data, "model": cfg.model, "target_rows": target_rows, "plan": plan,
+    h.update(json.dumps({"data": data_key or cfg.data, "model": cfg.model, "target_rows": target_rows, "plan": plan,
                          "params": params, "embed": embed, "precision": cfg.precision},
                         sort_keys=True, default=str).encode())
     for key in sorted(states):
@@ -221,7 +218,8 @@ def score_on_ray(cfg: ScoreConfig, states: Dict[str, dict], plan: List[tuple], p
     sizes = [p.num_rows for p in source.partitions("train", target_rows)]
     own_tmp = work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="winnow-shards-")) if own_tmp else Path(work_dir)
-    store = ShardStore(work_dir / "shards", fingerprint(cfg, states, plan, params, embed, target_rows), sizes)
+    store = ShardStore(work_dir / "shards", fingerprint(cfg, states, plan, params, embed, target_rows,
+                                                         source.content_key()), sizes)
     done = set(store.done())
     todo = [p for p in range(len(sizes)) if p not in done]
     if done:

@@ -90,13 +90,14 @@ def runs_in_bf16(name: str, precision: str) -> bool:
     return precision == "bf16" and getattr(SCORERS[name], "bf16_ok", False)
 
 
-def score_batch(models: dict, x, y, plan: Sequence[tuple], params: dict | None = None,
-                precision: str = "float32") -> dict:
-    """Run a scoring plan on one batch: ``plan`` lists ``(score name, model key)`` pairs,
-    ``models`` maps keys to modules, ``params`` maps score names to keyword arguments,
-    ``precision`` is "float32" or "bf16" (autocast for the scorers that allow it, see
-    ``runs_in_bf16``). Returns {f"{name}@{key}": float32 numpy [B]}. The same function runs in
-    unit tests and inside the Ray Data scoring actors, so both paths give equal numbers."""
+def score_plan(models: dict, x, y, plan: Sequence[tuple], params: dict | None = None,
+               precision: str = "float32") -> dict:
+    """Run a scoring plan on one batch and keep the scores where they were computed:
+    ``plan`` lists ``(score name, model key)`` pairs, ``models`` maps keys to modules,
+    ``params`` maps score names to keyword arguments, ``precision`` is "float32" or "bf16"
+    (autocast for the scorers that allow it, see ``runs_in_bf16``). Returns
+    {f"{name}@{key}": detached float32 tensor [B]} on ``x``'s device, so a caller scoring many
+    mini-batches can concatenate on the device and copy to the host once."""
     import contextlib
 
     import torch
@@ -108,5 +109,13 @@ def score_batch(models: dict, x, y, plan: Sequence[tuple], params: dict | None =
                else contextlib.nullcontext())
         with ctx:
             score = SCORERS[name](models[key], x, y, **params.get(name, {}))
-        out[f"{name}@{key}"] = score.detach().float().cpu().numpy()
+        out[f"{name}@{key}"] = score.detach().float()
     return out
+
+
+def score_batch(models: dict, x, y, plan: Sequence[tuple], params: dict | None = None,
+                precision: str = "float32") -> dict:
+    """``score_plan`` with the scores copied to the host: {f"{name}@{key}": float32 numpy [B]}.
+    The same scorer loop runs in unit tests and inside the Ray Data scoring actors (which call
+    ``score_plan`` per mini-batch), so both paths give equal numbers."""
+    return {k: v.cpu().numpy() for k, v in score_plan(models, x, y, plan, params, precision).items()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional
 
@@ -34,9 +35,15 @@ def pick_device(gpus: float) -> torch.device:
 
 def batch_to_input(images: np.ndarray | torch.Tensor, info: DataInfo, device: torch.device) -> torch.Tensor:
     """uint8 [B, H, W, C] -> normalised float32 [B, C, H, W] on ``device`` (uint8 travels,
-    the conversion happens on the device)."""
-    t = torch.as_tensor(images).to(device, non_blocking=True)
-    return normalize(t, info.mean, info.std)
+    the conversion happens on the device). Read-only arrays (Ray's zero-copy object-store
+    views) are fine: the uint8 tensor is only read, ``normalize`` makes a new one."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.as_tensor(images)
+    else:
+        t = torch.as_tensor(images)
+    return normalize(t.to(device, non_blocking=True), info.mean, info.std)
 
 
 def make_optimizer(model: nn.Module, optim: OptimConfig, total_steps: int):
