@@ -182,13 +182,13 @@ def _stream_pass(model, opt, sched, info, device, penalty, cfg: TrainConfig, epo
     return steps_total, rows_total, loss
 
 
-def train_dataset(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.ndarray]):
-    """The training split as a Ray Dataset read in parallel from the source's partitions,
+def train_dataset(source, ids: Optional[np.ndarray], weight: Optional[np.ndarray]):
+    """The training split of ``source`` as a Ray Dataset read in parallel from its partitions,
     restricted to the manifest's ids with their weights (normalised to mean 1) as a
     ``weight`` column; all rows with weight 1 without a manifest."""
     from engine.dist.datasource import read_source
 
-    ds = read_source(load_source(cfg.data), "train")
+    ds = read_source(source, "train")
     if ids is None:
         return ds.map_batches(_with_unit_weight, batch_format="numpy")
     order = np.argsort(ids)
@@ -343,9 +343,10 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
     loop_cfg = {"cfg": cfg, "ids": ids, "weight": weight, "threads": threads, "work_dir": str(work)}
     datasets = None
     if cfg.loader == "ray-data":  # rows stream to the workers; only counts travel in the config
-        full = sum(p.num_rows for p in load_source(cfg.data).partitions("train"))
+        source = load_source(cfg.data)
+        full = source.num_rows("train")
         loop_cfg.update(ids=None, weight=None, rows=full if ids is None else len(ids), full_rows=full)
-        datasets = {"train": train_dataset(cfg, ids, weight)}
+        datasets = {"train": train_dataset(source, ids, weight)}
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_cfg, datasets=datasets,
