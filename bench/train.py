@@ -3,6 +3,7 @@
     python bench/train.py fraction --data fashion-mnist --model small-cnn --epochs 2 --fractions 1,0.5,0.3,0.1
     python bench/train.py regulariser --model resnet18-cifar --image-size 32 --batch 128 --steps 10
     python bench/train.py lcnn-table --data fashion-mnist --model small-cnn --epochs 5 --out runs/lcnn-table
+    python bench/train.py lcnn-table ... --rows "LCNN + GradReg"      # some rows only
 
 ``fraction``: ``jobs.train``'s Ray Train path (``engine.dist.train.fit_on_ray``, 1 worker) on
 a random per-class fraction f of the training split for the same number of epochs; reports
@@ -150,15 +151,20 @@ LCNN_ROWS = {"standard": [], "LCNN": ["--lcnn"], "GradReg": ["--gradreg", "{mu}"
              "LCNN + GradReg": ["--lcnn", "--gradreg", "{mu}"]}
 
 
+def lcnn_rows(text: str) -> list:
+    """``--rows``: comma-separated names of LCNN_ROWS (checked when the arguments are parsed)."""
+    wanted = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = [r for r in wanted if r not in LCNN_ROWS]
+    if unknown or not wanted:
+        raise argparse.ArgumentTypeError(f"unknown row(s) {unknown or [text]}; known: {', '.join(LCNN_ROWS)}")
+    return wanted
+
+
 def bench_lcnn_table(a) -> list:
     import subprocess
 
-    wanted = [r.strip() for r in a.rows.split(",")] if a.rows else list(LCNN_ROWS)
-    unknown = [r for r in wanted if r not in LCNN_ROWS]
-    if unknown:
-        raise SystemExit(f"bench/train.py: error: --rows: unknown row(s) {unknown}; known: {list(LCNN_ROWS)}")
     rows = []
-    for name, extra in ((n, LCNN_ROWS[n]) for n in wanted):
+    for name, extra in ((n, LCNN_ROWS[n]) for n in a.rows):
         out = Path(a.out) / name.replace(" + ", "-").replace(" ", "-").lower()
         cmd = [sys.executable, "-m", "jobs.train", "--data", a.data, "--model", a.model, "--epochs", str(a.epochs),
                "--batch-size", str(a.batch), "--seed", str(a.seed), "--geometry", "--pgd-eps", "0.05,0.1,0.15,0.2",
@@ -212,7 +218,8 @@ def main() -> None:
     t.add_argument("--pgd-steps", type=int, default=20)
     t.add_argument("--eval-samples", type=int, default=1000)
     t.add_argument("--gpus", action="store_true")
-    t.add_argument("--rows", default="", help="comma-separated subset of: " + ", ".join(LCNN_ROWS))
+    t.add_argument("--rows", type=lcnn_rows, default=list(LCNN_ROWS),
+                   help="comma-separated subset of: " + ", ".join(LCNN_ROWS) + " (default: all)")
     t.add_argument("--out", default="runs/lcnn-table")
     for s in (f, r, t):
         s.add_argument("--json", default=None)

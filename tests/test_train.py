@@ -191,3 +191,19 @@ def test_ray_data_loader_refuses_weighted_sampling(run_job, tmp_path):
     code, _, err = run_job(train, ["--data", DATA, "--loader", "ray-data", "--weighting", "sampling",
                                    "--out", tmp_path / "t"])
     assert code == 2 and "weighting 'loss'" in err and "Traceback" not in err
+
+
+def test_bench_lcnn_table_rejects_unknown_rows_before_training(tmp_path):
+    """``bench/train.py lcnn-table --rows`` names rows of the table; a wrong name is one argparse
+    error (exit 2) before any job starts, so nothing is written under --out."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "train.py"
+    out = tmp_path / "table"
+    r = subprocess.run([sys.executable, str(bench), "lcnn-table", "--rows", "LCNN,Bogus", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "unknown row(s) ['Bogus']" in r.stderr and "LCNN + GradReg" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
