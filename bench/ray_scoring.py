@@ -4,7 +4,7 @@
     python bench/ray_scoring.py --rows 200000 --model torchvision:resnet50 --image-size 224 --batch 256
     python bench/ray_scoring.py --rows 40000 --model small-cnn --actors 1,2 --cpus-per-actor 0.5  # CPU scaling
 
-For each actor count, ``jobs.score``'s scoring stage (``engine.dist.scoring.score_on_ray``:
+For each actor count, ``jobs.score``'s scoring stage (``engine.distributed.scoring.score_on_ray``:
 read tasks, the actor pool, shards written as partitions finish, the merge and checks) scores
 ``synthetic:ROWS,SxS,3`` with EL2N of one randomly initialised model; the plain loop scores
 the same uint8 images, generated in memory beforehand, batch by batch in this process
@@ -20,13 +20,14 @@ Two figures for each path, and the ratios of both:
   are its advantage).
 * steady state: the plain loop's timed pass after its warm-up; for Ray Data, the rows of the
   actor calls that ended after the first call, over the time from the first call's end to the
-  last one's (actor-side clocks; ``engine.dist.scoring.last_run``), i.e. the pipeline's rate
+  last one's (actor-side clocks; ``engine.distributed.scoring.last_run``), i.e. the pipeline's rate
   once an actor is computing: reads, transfers, Ray's per-call costs and the actor's own work,
   without the fixed start-up. With a few calls only (4,096 rows each) it is a rough figure.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -96,11 +97,10 @@ def main() -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args()
 
-    import ray
-
     from engine.config import ScoreConfig
     from engine.data import load_source
-    from engine.dist.scoring import last_run, score_on_ray
+    from engine.distributed.runtime import ray_session
+    from engine.distributed.scoring import last_run, score_on_ray
     from engine.models import build_model
     from engine.train import seed_everything
 
@@ -122,9 +122,7 @@ def main() -> None:
           f"({plain['startup_s']:.1f} s model build, transfer and warm-up) "
           f"({dev}, torch threads {torch.get_num_threads()}, {precision})", flush=True)
     rows = [{"what": "plain loop", "e2e": plain["e2e"], "steady": loop, "startup_s": plain["startup_s"]}]
-    ray.init(num_cpus=os.cpu_count(), num_gpus=1 if cuda else 0, include_dashboard=False,
-             _temp_dir=tempfile.mkdtemp(prefix="wnr-bench-"), logging_level="WARNING")
-    try:
+    with ray_session(num_cpus=os.cpu_count(), num_gpus=1 if cuda else 0, dashboard=False):
         for n in [int(x) for x in a.actors.split(",")]:
             cfg = ScoreConfig(**{**base.__dict__, "actors": n, "cpus_per_actor": a.cpus_per_actor,
                                  "min_actors": n if a.pool == "fixed" else 1})
@@ -147,11 +145,9 @@ def main() -> None:
                   f"(first call ended at {st.get('first_block_s') or float('nan'):.1f} s; actor constructor(s) "
                   f"{inits} after the call started; {st.get('blocks')} blocks; actors busy "
                   f"{st.get('busy_s') or 0:.1f} s)", flush=True)
-    finally:
-        ray.shutdown()
     print(f"\n{a.model} {a.image_size}x{a.image_size}, batch {a.batch}, {a.rows} rows, {dev}, {precision}, "
           f"{a.cpus_per_actor} CPU/actor, {a.pool} pool, "
-          f"torch {torch.__version__}, ray {ray.__version__}, {platform.python_version()}")
+          f"torch {torch.__version__}, ray {importlib.metadata.version('ray')}, {platform.python_version()}")
     print("| path | end to end rows/s | × plain loop (end to end) | steady rows/s | × plain loop (steady) | start-up s |\n"
           "|---|---|---|---|---|---|")
     for r in rows:

@@ -5,7 +5,7 @@
     python bench/train.py lcnn-table --data fashion-mnist --model small-cnn --epochs 5 --out runs/lcnn-table
     python bench/train.py lcnn-table ... --rows "LCNN + GradReg"      # some rows only
 
-``fraction``: ``jobs.train``'s Ray Train path (``engine.dist.train.fit_on_ray``, 1 worker) on
+``fraction``: ``jobs.train``'s Ray Train path (``engine.distributed.train.fit_on_ray``, 1 worker) on
 a random per-class fraction f of the training split for the same number of epochs; reports
 the optimizer-loop time (``train_time_s``: the passes, without start-up and test evaluation),
 the wall time, and ``time(f) / (f · time(1))`` (goal ≤ 1.1).
@@ -46,19 +46,17 @@ def device_name() -> str:
 
 
 def bench_fraction(a) -> list:
-    import ray
-
     from engine.config import OptimConfig, TrainConfig
     from engine.data import load_source
-    from engine.dist.train import fit_on_ray
+    from engine.distributed.runtime import ray_session
+    from engine.distributed.train import fit_on_ray
 
     src = load_source(a.data)
     train = src.arrays("train")
     rng = np.random.default_rng(0)
     rows = []
-    ray.init(num_cpus=os.cpu_count(), num_gpus=1 if torch.cuda.is_available() else 0, include_dashboard=False,
-             _temp_dir=tempfile.mkdtemp(prefix="wnr-bench-"), logging_level="WARNING", log_to_driver=False)
-    try:
+    with ray_session(num_cpus=os.cpu_count(), num_gpus=1 if torch.cuda.is_available() else 0, dashboard=False,
+                     log_to_driver=False):
         for f in a.fractions:
             if f >= 1:
                 ids, weight = None, None
@@ -76,8 +74,6 @@ def bench_fraction(a) -> list:
                          "wall_time_s": m["wall_time_s"], "test_accuracy": m["test_accuracy"]})
             print(f"fraction {f}: {n} samples, loop {m['train_time_s']:.1f} s, wall {m['wall_time_s']:.1f} s, "
                   f"test acc {m['test_accuracy']:.4f}", flush=True)
-    finally:
-        ray.shutdown()
     full = next((r for r in rows if r["fraction"] >= 1), None)
     print(f"\n{a.model} on {a.data}, {a.epochs} epochs, batch {a.batch}, {device_name()}, torch {torch.__version__}, "
           f"Python {platform.python_version()}")

@@ -12,6 +12,7 @@ leaves a file that looks complete.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -53,11 +54,9 @@ def environment() -> dict:
 
     env = {"winnow": __version__, "git_sha": git_sha(), "python": platform.python_version(),
            "torch": torch.__version__, "numpy": np.__version__, "pyarrow": pa.__version__}
-    try:
-        import ray
-
-        env["ray"] = ray.__version__
-    except ImportError:  # pure-core use without ray installed
+    try:  # read from the package metadata: the pure core never imports Ray
+        env["ray"] = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:  # pure-core use without ray installed
         pass
     return env
 

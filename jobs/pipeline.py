@@ -119,7 +119,7 @@ def format_table(rows: list) -> str:
 
 def main(argv: Sequence[str]) -> None:
     t0 = time.time()
-    from engine.dist.runtime import ray_session
+    from engine.distributed.runtime import ray_session
     from engine.storage import staged_output
     from jobs.score import check_inputs
 

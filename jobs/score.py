@@ -122,7 +122,7 @@ def check_inputs(cfg: ScoreConfig):
 
 def run_score(cfg: ScoreConfig) -> Path:
     """The job's stages; assumes a Ray session. Returns the path of scores.parquet."""
-    from engine.dist.scoring import score_on_ray
+    from engine.distributed.scoring import score_on_ray
 
     source = check_inputs(cfg)
     epochs, keep, plan, params = scoring_plan(cfg, source.info())
@@ -161,7 +161,7 @@ PARTIAL = "_partial"  # RUN/_partial: proxy checkpoints and scoring shards of an
 
 def _proxies(cfg: ScoreConfig, keep: tuple, work: Path) -> list:
     """Train the proxies, or load them from an interrupted run of the same configuration."""
-    from engine.dist.scoring import train_proxies
+    from engine.distributed.scoring import train_proxies
 
     key = hashlib.sha256(json.dumps({"data": cfg.data, "model": cfg.model, "seeds": cfg.seeds, "epochs": cfg.epochs,
                                      "keep": list(keep), "optim": to_dict(cfg.optim)}, sort_keys=True).encode())
@@ -229,7 +229,7 @@ def main(argv: Sequence[str]) -> None:
     check_inputs(cfg)
     from dataclasses import replace
 
-    from engine.dist.runtime import ray_session
+    from engine.distributed.runtime import ray_session
     from engine.storage import staged_output
 
     with staged_output(cfg.out) as local, ray_session():

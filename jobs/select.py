@@ -110,7 +110,7 @@ def _class_mapper():
     the builtin map otherwise."""
     import os
 
-    from engine.dist import runtime
+    from engine.distributed import runtime
 
     if runtime.ray_running() or os.environ.get("RAY_ADDRESS"):
         return runtime.task_map

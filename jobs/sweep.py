@@ -310,9 +310,7 @@ def run_trial(config: dict, spec: dict, out: str) -> None:
     """One Tune trial: jobs.train's run on the trial's manifest, its Ray Train reports
     forwarded to Tune. A trial whose metrics.json exists (an earlier run finished it) is not
     trained again: its final metrics are reported as they are."""
-    from ray import tune
-
-    from engine.dist.tune import report_callbacks
+    from engine.distributed.tune import report_callbacks, report_to_tune
     from jobs.train import run_train
 
     t = config["trial"]
@@ -320,7 +318,7 @@ def run_trial(config: dict, spec: dict, out: str) -> None:
     done = Path(cfg.out) / "metrics.json"
     if done.is_file():
         m = json.loads(done.read_text())
-        tune.report({"test_accuracy": m["test_accuracy"], "passes": m["passes"], "reused": True})
+        report_to_tune({"test_accuracy": m["test_accuracy"], "passes": m["passes"], "reused": True})
         return
     run_train(cfg, callbacks=report_callbacks())
 
@@ -336,9 +334,7 @@ def _settled(out: Path, t: dict) -> bool:
 def stage_tune(spec: dict, trials: Sequence[dict], base: TrainConfig, out: Path) -> List[str]:
     """Tune over the trials without a result yet (all of them on a first run); a trial that
     an earlier run left unfinished resumes from its Ray Train checkpoints."""
-    from ray import tune
-
-    from engine.dist.tune import concurrency, run_tuner, trial_errors
+    from engine.distributed.tune import concurrency, run_tuner, trial_errors
 
     todo = [t for t in trials if not _settled(out, t)]
     if len(todo) < len(trials):
@@ -348,8 +344,8 @@ def stage_tune(spec: dict, trials: Sequence[dict], base: TrainConfig, out: Path)
     r = resources(spec)
     n = concurrency(float(r["cpus_per_trial"]), float(r["gpus_per_trial"]), int(r["max_concurrent_trials"]))
     print(f"== tune: {len(todo)} trial(s), {n} at a time; results under {out / 'tune' / spec['name']}")
-    fn = tune.with_parameters(run_trial, spec=spec, out=str(out.resolve()))
-    grid = run_tuner(fn, todo, storage=str((out / "tune").resolve()), name=spec["name"], max_concurrent=n,
+    grid = run_tuner(run_trial, todo, params={"spec": spec, "out": str(out.resolve())},
+                     storage=str((out / "tune").resolve()), name=spec["name"], max_concurrent=n,
                      asha=spec.get("asha"), max_t=base.epochs)
     errors = trial_errors(grid)
     if spec.get("asha"):
@@ -485,7 +481,7 @@ def _report(out: Path) -> None:
 def main(argv: Sequence[str]) -> None:
     a = build_parser().parse_args(argv)
     spec = load_spec(a.config, a.smoke_test, parse_overrides(a.set))
-    from engine.dist.runtime import ray_session
+    from engine.distributed.runtime import ray_session
     from engine.storage import staged_output
 
     with staged_output(a.out or f"runs/sweeps/{spec['name']}") as local:

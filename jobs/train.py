@@ -133,7 +133,7 @@ def run_train(cfg: TrainConfig, subset: Optional[tuple] = None, callbacks: Seque
     trial passes Tune's report callback)."""
     import shutil
 
-    from engine.dist.train import PARTIAL, fit_on_ray
+    from engine.distributed.train import PARTIAL, fit_on_ray
 
     ids, weight, n, manifest_hash = subset or load_subset(cfg)
     with output_dir(cfg.out, keep=(PARTIAL,)) as out:
@@ -161,7 +161,7 @@ def main(argv: Sequence[str]) -> None:
     subset = load_subset(cfg)
     from dataclasses import replace
 
-    from engine.dist.runtime import ray_session
+    from engine.distributed.runtime import ray_session
     from engine.storage import staged_output
 
     with staged_output(cfg.out) as local, ray_session():

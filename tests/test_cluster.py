@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from engine.dist import cluster_check
+from engine.distributed import cluster_check
 from tests.conftest import ROOT
 
 CLUSTER = ROOT / "cluster.yaml"

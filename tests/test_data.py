@@ -399,7 +399,7 @@ def test_content_key_follows_the_data_not_just_the_spec(specs, tmp_path):
 
 def test_scoring_fingerprint_uses_the_content_key():
     from engine.config import ScoreConfig
-    from engine.dist.scoring import fingerprint
+    from engine.distributed.scoring import fingerprint
 
     cfg = ScoreConfig(data="digits", model="small-cnn")
     states = {"s0": {"w": torch.zeros(3)}}

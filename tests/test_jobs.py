@@ -166,7 +166,7 @@ def test_cli_subprocess_exit_status_and_help(tmp_path):
 def test_ray_data_scoring_equals_direct(ray_local):
     from engine.config import ScoreConfig
     from engine.data import load_source
-    from engine.dist.scoring import score_on_ray
+    from engine.distributed.scoring import score_on_ray
     from engine.models import build_model
     from engine.scores import score_batch
     from engine.train import batch_to_input

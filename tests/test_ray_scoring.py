@@ -58,7 +58,7 @@ PLAN = [("el2n", "s0e0"), ("el2n", "s1e0"), ("grand", "s0e0")]
 
 @pytest.mark.parametrize("actors", [1, 2])
 def test_ray_data_scores_equal_direct_calls(ray_local, tmp_path, actors):
-    from engine.dist.scoring import score_on_ray
+    from engine.distributed.scoring import score_on_ray
 
     cfg = ScoreConfig(data="digits", model="small-cnn", actors=actors, score_batch_size=128)
     states = init_states(cfg)
@@ -72,7 +72,7 @@ def test_ray_data_scores_equal_direct_calls(ray_local, tmp_path, actors):
 
 
 def test_killed_actor_is_restarted_and_nothing_is_lost(ray_local, tmp_path, capsys):
-    from engine.dist.scoring import CHAOS_FILE, score_on_ray
+    from engine.distributed.scoring import CHAOS_FILE, score_on_ray
 
     cfg = ScoreConfig(data="digits", model="small-cnn", actors=1, score_batch_size=64)
     states = init_states(cfg)
@@ -130,7 +130,7 @@ def test_actor_scores_whole_blocks_in_mini_batches_exactly_like_score_batch(ray_
     mini-batches of the score batch size with one device sync per call. Its scores and
     gradient embeddings equal ``score_batch`` / ``grad_embedding`` on the same mini-batches
     bit for bit, the last (short) mini-batch included, and its bookkeeping is per call."""
-    from engine.dist.scoring import ScoringActor
+    from engine.distributed.scoring import ScoringActor
     from engine.scores.embeddings import grad_embedding
 
     cfg = ScoreConfig(data="digits", model="small-cnn")
@@ -171,7 +171,7 @@ def test_read_plan_keeps_source_blocks_whole():
     """Enough partitions: one read block each (Synthetic's 4,096-row chunks, multiples of the
     score batch size), not Ray Data's default 200+ blocks of a few hundred rows; small inputs
     are cut so that every actor gets work; huge blocks are cut by size."""
-    from engine.dist.scoring import CALL_BYTES, read_plan
+    from engine.distributed.scoring import CALL_BYTES, read_plan
 
     assert read_plan([4096] * 48 + [3392], 3072, 512, 1) == (49, 4096)
     assert read_plan([4096] * 4 + [3616], 224 * 224 * 3, 256, 1) == (5, 4096)
@@ -185,7 +185,7 @@ def test_in_memory_sources_reach_read_tasks_by_reference(ray_local):
     every row exactly as the source's arrays hold it."""
     import ray.cloudpickle as cloudpickle
 
-    from engine.dist.datasource import SourceDatasource, read_source
+    from engine.distributed.datasource import SourceDatasource, read_source
 
     source = load_source("fashion-mnist-mini")
     arrays = source.arrays("train")

@@ -180,7 +180,7 @@ def test_orphaned_placement_groups_are_reclaimed(ray_local):
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from engine.dist.tune import (ReclaimOrphanedPlacementGroups, orphaned_placement_groups,
+    from engine.distributed.tune import (ReclaimOrphanedPlacementGroups, orphaned_placement_groups,
                                   reclaim_orphaned_placement_groups)
 
     @ray.remote(num_cpus=0)
@@ -222,7 +222,7 @@ def test_asha_stops_trailing_trials_but_never_at_the_last_pass():
 
     from ray.tune.schedulers import TrialScheduler
 
-    from engine.dist.tune import asha_scheduler
+    from engine.distributed.tune import asha_scheduler
 
     sched = asha_scheduler(passes=3, grace_period=1, reduction_factor=2)
     trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(3)]

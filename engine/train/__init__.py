@@ -1,4 +1,4 @@
-"""Plain-PyTorch training and evaluation loops; no Ray here (``engine.dist`` wraps them)."""
+"""Plain-PyTorch training and evaluation loops; no Ray here (``engine.distributed`` wraps them)."""
 from engine.train.loops import (  # noqa: F401
     ProxyRun,
     batch_to_input,

@@ -1,5 +1,5 @@
 """Sweeps on Ray Tune: a grid of retraining trials, each a Tune function that builds and fits a
-``TorchTrainer`` (``engine.dist.train.fit_on_ray``).
+``TorchTrainer`` (``engine.distributed.train.fit_on_ray``).
 
 The grid is expanded by the caller into explicit trial dicts (so that, e.g., the full-data
 baseline is not repeated for every fraction) and handed to Tune as one ``grid_search`` over
@@ -43,6 +43,12 @@ def report_callbacks() -> list:
     return [TuneReportCallback()]
 
 
+def report_to_tune(metrics: dict) -> None:
+    """Report ``metrics`` to the running Tune trial (for a trial that reuses an earlier result
+    instead of fitting a ``TorchTrainer``)."""
+    tune.report(metrics)
+
+
 def trial_dir_name() -> Optional[str]:
     """The running Tune trial's name, or None outside Tune."""
     try:
@@ -63,14 +69,18 @@ def concurrency(cpus_per_trial: float, gpus_per_trial: float, requested: int = 0
     return max(1, int(math.floor(res.get("CPU", 1) / (max(cpus_per_trial, 1e-3) + TRIAL_CPU))))
 
 
-def run_tuner(trainable: Callable[[dict], None], trials: Sequence[dict], *, storage: str, name: str,
-              max_concurrent: int, asha: Optional[dict] = None, max_t: int = 1):
-    """Fit (or restore and finish) a Tuner whose trials are ``trainable({"trial": t})`` for
-    every ``t`` in ``trials``; ``max_concurrent`` bounds the trials that run at once.
+def run_tuner(trainable: Callable[..., None], trials: Sequence[dict], *, storage: str, name: str,
+              max_concurrent: int, asha: Optional[dict] = None, max_t: int = 1,
+              params: Optional[dict] = None):
+    """Fit (or restore and finish) a Tuner whose trials are ``trainable({"trial": t}, **params)``
+    for every ``t`` in ``trials`` (``params`` travel through the object store once, by
+    ``tune.with_parameters``); ``max_concurrent`` bounds the trials that run at once.
     ``asha``: ``{"grace_period": passes, "reduction_factor": r}`` stops trials whose test
     accuracy trails (metric ``test_accuracy``, time ``training_iteration`` = passes).
     Returns the ``ResultGrid``."""
     # trainable reserves TRIAL_CPU only: the TorchTrainer it starts reserves its workers' resources
+    if params:
+        trainable = tune.with_parameters(trainable, **params)
     fn = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
     scheduler = None
     if asha:

@@ -211,7 +211,7 @@ def score_on_ray(cfg: ScoreConfig, states: Dict[str, dict], plan: List[tuple], p
     came back exactly once and no score is NaN."""
     import tempfile
 
-    from engine.dist.shards import ShardStore
+    from engine.distributed.shards import ShardStore
 
     source = load_source(cfg.data)
     target_rows = max(cfg.score_batch_size * 4, 2048)
@@ -252,7 +252,7 @@ def read_plan(sizes: List[int], row_bytes: int, batch_rows: int, actors: int) ->
 
 
 def _score_parts(cfg, source, states, plan, params, embed, target_rows, todo, sizes, store) -> None:
-    from engine.dist.datasource import SourceDatasource
+    from engine.distributed.datasource import SourceDatasource
 
     h, w, c = source.info().image_shape
     blocks, block_rows = read_plan([sizes[p] for p in todo], h * w * c, cfg.score_batch_size, cfg.actors)

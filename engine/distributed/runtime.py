@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
-                dashboard: bool = True) -> Iterator[None]:
+                dashboard: bool = True, log_to_driver: bool = True) -> Iterator[None]:
     """Use the running Ray (tests share one per session), connect to ``RAY_ADDRESS``, or start
     a local instance; shut down only what this call started.
 
@@ -38,7 +38,7 @@ def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
     dashboard = dashboard and _dashboard_available()
     # Our workers print their own progress lines; Ray Train's print patch would echo each twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    kwargs = dict(include_dashboard=dashboard, log_to_driver=True, configure_logging=True,
+    kwargs = dict(include_dashboard=dashboard, log_to_driver=log_to_driver, configure_logging=True,
                   logging_level="WARNING")
     if not os.environ.get("RAY_ADDRESS"):
         kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=_local_temp_dir())

@@ -1,7 +1,7 @@
 """Checks of ``cluster.yaml``: Ray's own autoscaler schema and defaults (``prepare_config`` then
 ``validate_config``, what ``ray up`` runs first) plus the rules Winnow's deployment relies on.
 
-    python -m engine.dist.cluster_check cluster.yaml
+    python -m engine.distributed.cluster_check cluster.yaml
 
 Winnow's rules: the Ray image is pinned to the installed Ray's version (driver and cluster
 must match); the head is a CPU node; at least one GPU worker type scales from 0; the

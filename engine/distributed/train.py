@@ -186,7 +186,7 @@ def train_dataset(source, ids: Optional[np.ndarray], weight: Optional[np.ndarray
     """The training split of ``source`` as a Ray Dataset read in parallel from its partitions,
     restricted to the manifest's ids with their weights (normalised to mean 1) as a
     ``weight`` column; all rows with weight 1 without a manifest."""
-    from engine.dist.datasource import read_source
+    from engine.distributed.datasource import read_source
 
     ds = read_source(source, "train")
     if ids is None:

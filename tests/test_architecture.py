@@ -1,0 +1,147 @@
+"""Layout rules, checked on the source text (AST only: nothing heavy is imported, so this file
+runs in well under a second).
+
+* Ray is imported only under ``engine/distributed/`` (the thin Ray shell); the pure core and
+  the jobs reach Ray through it, and read Ray's version through ``importlib.metadata``;
+* only the runtime helper (``engine/distributed/runtime.py``) starts Ray: jobs and benchmarks
+  call ``ray_session``, never ``ray.init``.
+
+Every failure lists all offenders as ``path:line: what``.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY_HOME = "engine/distributed/"
+RAY_STARTER = "engine/distributed/runtime.py"
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def _py_files(*dirs: str, root: Path = ROOT) -> list[Path]:
+    return sorted(p for d in dirs for p in (root / d).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+@functools.lru_cache(maxsize=None)
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def _package(path: Path, root: Path) -> list[str]:
+    """The package a file's relative imports start from: ``engine/distributed/scoring.py`` ->
+    ["engine", "distributed"]."""
+    return list(path.relative_to(root).parts[:-1])
+
+
+def _imports(path: Path, root: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in the file, lazy ones in functions
+    included, and of ``importlib.import_module("...")`` / ``__import__("...")`` with a literal;
+    ``from a import b`` yields both ``a`` and ``a.b`` (b may be a module)."""
+    out = []
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                pkg = _package(path, root)
+                module = ".".join(pkg[: len(pkg) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            out.append((node.lineno, module))
+            out += [(node.lineno, f"{module}.{a.name}") for a in node.names if a.name != "*"]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            if name in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                out.append((node.lineno, node.args[0].value))
+    return out
+
+
+def _is_or_under(module: str, name: str) -> bool:
+    return module == name or module.startswith(name + ".")
+
+
+def ray_imports_outside_home(root: Path = ROOT) -> list[str]:
+    """``path:line: imports MODULE`` for every import of ray in engine/ or jobs/ outside
+    engine/distributed/."""
+    out = []
+    for path in _py_files("engine", "jobs", root=root):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(RAY_HOME):
+            continue
+        seen = set()
+        for line, module in _imports(path, root):
+            if line not in seen and _is_or_under(module, "ray"):
+                seen.add(line)
+                out.append(f"{rel}:{line}: imports {module}")
+    return out
+
+
+def _ray_init_calls(path: Path) -> list[int]:
+    """Lines that call ``ray.init(...)`` (also ``import ray as r; r.init``) or a bare ``init``
+    imported from ray."""
+    tree = _tree(path)
+    ray_names = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import)
+                 for a in n.names if a.name == "ray"} | {"ray"}
+    init_names = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                  and n.module == "ray" for a in n.names if a.name == "init"}
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if (isinstance(f, ast.Attribute) and f.attr == "init" and isinstance(f.value, ast.Name)
+                    and f.value.id in ray_names) or (isinstance(f, ast.Name) and f.id in init_names):
+                lines.append(node.lineno)
+    return lines
+
+
+def ray_starters(root: Path = ROOT) -> list[str]:
+    return [f"{path.relative_to(root).as_posix()}:{line}: calls ray.init "
+            "(use engine.distributed.runtime.ray_session)"
+            for path in _py_files("engine", "jobs", "bench", root=root)
+            if path.relative_to(root).as_posix() != RAY_STARTER for line in _ray_init_calls(path)]
+
+
+def _fail_if(offenders: list[str], what: str) -> None:
+    if offenders:
+        pytest.fail(f"{what} ({len(offenders)}):\n  " + "\n  ".join(offenders), pytrace=False)
+
+
+def test_ray_is_imported_only_in_engine_distributed():
+    _fail_if(ray_imports_outside_home(), f"ray imported outside {RAY_HOME}")
+
+
+def test_only_the_runtime_helper_starts_ray():
+    _fail_if(ray_starters(), f"Ray started outside {RAY_STARTER}")
+
+
+def test_the_checks_catch_planted_violations(tmp_path):
+    """The two checks above on a planted tree: each kind of violation is found, the allowed
+    places are not."""
+    files = {
+        "engine/__init__.py": "",
+        "engine/core.py": "def f():\n    import ray.data\n",
+        "engine/select/x.py": "from ray import tune\n",
+        "engine/select/y.py": "import importlib\nm = importlib.import_module('ray')\n",
+        "engine/select/z.py": "from .. import distributed\nimport rayon\n",  # not ray
+        "engine/distributed/ok.py": "import ray\nray.init()\n",
+        "engine/distributed/runtime.py": "import ray\nray.init()\n",
+        "jobs/j.py": "from ray.train import Checkpoint\n",
+        "bench/b.py": "import ray as r\nr.init(num_cpus=1)\n",
+        "bench/c.py": "from ray import init\ninit()\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert ray_imports_outside_home(tmp_path) == [
+        "engine/core.py:2: imports ray.data", "engine/select/x.py:1: imports ray",
+        "engine/select/y.py:2: imports ray", "jobs/j.py:1: imports ray.train"]
+    assert [o.split(": ")[0] for o in ray_starters(tmp_path)] == [
+        "bench/b.py:2", "bench/c.py:2", "engine/distributed/ok.py:2"]
