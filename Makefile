@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup browser pipeline test test-all smoke clean
+.PHONY: setup browser pipeline lint test test-all smoke clean
 
 setup: $(VENV)/.installed
 
@@ -27,7 +27,10 @@ pipeline: setup
 smoke: setup
 	$(BIN)/python -m jobs.pipeline --smoke-test --out runs/smoke
 
-test: setup browser
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup browser lint
 	$(BIN)/python -m pytest -q
 
 test-all: setup browser

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.models import build_model  # noqa: E402
-from engine.scores import score_batch  # noqa: E402
+from engine.models import build_model
+from engine.scores import score_batch
 
 GOALS = {"el2n": "<= 0.3", "grand": "<= 1.5 (stretch 1.2)", "curvature": "<= 1.5"}
 
@@ -112,7 +112,7 @@ def main(argv=None) -> None:
         else:
             jobs.append((name, name, tf32 if name == "curvature" else {}))
     for label, name, kw in jobs:
-        fn = lambda: score_batch({"m": model}, x, y, [(name, "m")], {name: kw}, precision)  # noqa: E731
+        fn = lambda: score_batch({"m": model}, x, y, [(name, "m")], {name: kw}, precision)
         t = timed(fn, device, a.repeats)
         mem = peak_memory(fn, device)
         rows.append({"scorer": label, "s_per_batch": t, "ratio": t / base, "peak_gib": mem})

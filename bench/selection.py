@@ -22,15 +22,15 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")   # before numpy: one BLAS thread per process
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+import argparse
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from engine.select import SELECTORS  # noqa: E402
-from engine.select import geda as G  # noqa: E402
+from engine.select import SELECTORS
+from engine.select import geda as G
 
 N_IMAGENET, CLASSES = 1_281_167, 1000
 

@@ -42,7 +42,7 @@ def _filesystem(uri: str):
 
     try:
         return pafs.FileSystem.from_uri(uri)
-    except Exception as e:  # noqa: BLE001  (unknown scheme, missing credentials, bad bucket)
+    except Exception as e:  # any error: unknown scheme, missing credentials, bad bucket
         raise ConfigError(f"--out {uri!r}: cannot open it as a filesystem URI ({str(e).splitlines()[0]})") from None
 
 

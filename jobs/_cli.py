@@ -29,7 +29,7 @@ def run(job: str, main: Callable[[Sequence[str]], None], argv: Optional[Sequence
     except KeyboardInterrupt:
         print(f"{job}: interrupted; no finished artifact was written", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001  (re-raised unless it is a user error)
+    except Exception as exc:  # any error: re-raised unless it is a user error
         err = user_error(exc)
         if err is None:
             raise
@@ -70,7 +70,7 @@ def output_dir(path: str | Path, keep: Sequence[str] = ()) -> Iterator[Path]:
 class Parser(argparse.ArgumentParser):
     """argparse that exits with status 2 and one line (no usage dump) on a bad flag."""
 
-    def error(self, message: str):  # noqa: D401
+    def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 

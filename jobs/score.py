@@ -25,8 +25,15 @@ from engine.config import ScoreConfig, to_dict
 from engine.data import load_source
 from engine.errors import ConfigError
 from engine.models import check_model_name
-from engine.scores import (HISTORY_SCORERS, SCORERS, check_params, data_defaults, parse_score_names, runs_in_bf16,
-                           score_epochs_for)
+from engine.scores import (
+    HISTORY_SCORERS,
+    SCORERS,
+    check_params,
+    data_defaults,
+    parse_score_names,
+    runs_in_bf16,
+    score_epochs_for,
+)
 from engine.scores.aggregate import history_scores, mean_std_over_seeds, model_key
 from jobs._cli import Parser, add_optim_flags, entry, int_list, optim_from, output_dir
 
@@ -171,7 +178,7 @@ def _proxies(cfg: ScoreConfig, keep: tuple, work: Path) -> list:
             runs = torch.load(path, weights_only=False)
             print(f"resuming: reusing {len(runs)} trained proxies from {path}", flush=True)
             return runs
-        except Exception as exc:  # noqa: BLE001  (a damaged file: train again)
+        except Exception as exc:  # any error: a damaged file: train again
             print(f"{path}: unreadable ({exc}); training the proxies again", flush=True)
     runs = train_proxies(cfg, keep)
     work.mkdir(parents=True, exist_ok=True)

@@ -286,7 +286,7 @@ def test_synthetic_is_lazy_and_independent_of_partitioning():
     parts = big.partitions("train")
     assert sum(p.num_rows for p in parts) == 1_000_000 and len(pickle.dumps(parts)) < 100_000
     small = load_source("synthetic:9000,4x4,1")
-    cat = lambda ps, k: np.concatenate([b[k] for p in ps for b in p.read()])  # noqa: E731
+    cat = lambda ps, k: np.concatenate([b[k] for p in ps for b in p.read()])
     for k in ("sample_id", "image", "label"):
         np.testing.assert_array_equal(cat(small.partitions("train", 4096), k), cat(small.partitions("train", 10**6), k))
     test = small.arrays("test")

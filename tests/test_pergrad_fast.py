@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models import build_model
-from engine.scores import SCORERS, score_batch
-from engine.scores import pergrad
+from engine.scores import SCORERS, pergrad, score_batch
 from engine.scores.pergrad import per_sample_grad_sq_norms
 from tests.test_scorers_exact import brute_grand, data, make_model, rel_err
 

@@ -10,7 +10,6 @@ from engine.errors import ConfigError, DataError
 from engine.select import SELECTORS, class_quotas
 from engine.select.quota import total_quota
 
-
 EMBEDDING_SELECTORS = {"craig", "gradmatch"}
 WEIGHTED = {"craig", "gradmatch"}
 

@@ -126,7 +126,7 @@ def test_craig_greedy_against_exhaustive_search():
         k = int(rng.integers(1, 5))
         dist = pairwise_distances(g)
         sim = dist.max() - dist
-        f = lambda S: sim[:, list(S)].max(1).sum()  # noqa: E731
+        f = lambda S: sim[:, list(S)].max(1).sum()
         best = max(f(S) for S in itertools.combinations(range(8), k))
         lazy = facility_location_greedy(sim, k, lazy=True)
         plain = facility_location_greedy(sim, k, lazy=False)
@@ -207,7 +207,7 @@ def test_incremental_nnls_matches_scipy_at_every_step(lam, monkeypatch):
         for s, j in enumerate(order, 1):
             w = inc.add(int(j))
             ref = nnls_ridge(A[:, order[:s]], b, max(lam, 1e-12))
-            f = lambda v: np.sum((A[:, order[:s]] @ v - b) ** 2) + lam * np.sum(v ** 2)  # noqa: E731
+            f = lambda v: np.sum((A[:, order[:s]] @ v - b) ** 2) + lam * np.sum(v ** 2)
             assert np.all(w >= 0)
             assert f(w) <= f(ref) + 1e-7 * max(1.0, f(ref)), (trial, s)
     assert len(removals) >= 10  # the correlated design drives weights to 0 (the removal path)

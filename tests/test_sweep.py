@@ -180,8 +180,11 @@ def test_orphaned_placement_groups_are_reclaimed(ray_local):
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from engine.distributed.tune import (ReclaimOrphanedPlacementGroups, orphaned_placement_groups,
-                                  reclaim_orphaned_placement_groups)
+    from engine.distributed.tune import (
+        ReclaimOrphanedPlacementGroups,
+        orphaned_placement_groups,
+        reclaim_orphaned_placement_groups,
+    )
 
     @ray.remote(num_cpus=0)
     class Creator:

@@ -13,8 +13,7 @@ import torch
 from engine import artifacts
 from engine.config import OptimConfig
 from engine.data import load_source
-from engine.train import (epoch_plan, make_optimizer, seed_everything, shuffled_batches, train_epoch,
-                          weighted_batches)
+from engine.train import epoch_plan, make_optimizer, seed_everything, shuffled_batches, train_epoch, weighted_batches
 from jobs import train
 
 DATA = "digits"  # 1,437 training images of 8x8: a Ray Train run takes seconds

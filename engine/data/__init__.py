@@ -5,8 +5,11 @@
 ``synthetic:N[,HxW[,C]]``); a source gives its splits in memory (``arrays``) or as
 picklable partitions that Ray Data reads in parallel (``partitions``).
 """
-from engine.data.base import ArraySplit, DataInfo, Partition, Source, validate_rows  # noqa: F401
-from engine.data.transforms import normalize  # noqa: F401
-from engine.data.sources import DATASETS, load_source  # noqa: F401
-from engine.data import files as _files  # noqa: F401,E402  (registers parquet, imagefolder)
-from engine.data.files import write_parquet_source  # noqa: F401,E402
+from engine.data import files as _files  # noqa: F401  (registers parquet, imagefolder)
+from engine.data.base import ArraySplit, DataInfo, Partition, Source, validate_rows
+from engine.data.files import write_parquet_source
+from engine.data.sources import DATASETS, load_source
+from engine.data.transforms import normalize
+
+__all__ = ["ArraySplit", "DATASETS", "DataInfo", "Partition", "Source", "load_source", "normalize",
+           "validate_rows", "write_parquet_source"]

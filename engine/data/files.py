@@ -19,8 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from engine.data.base import (DataInfo, Partition, Source, check_split, files_key, in_holdout, stable_id,
-                              validate_rows)
+from engine.data.base import DataInfo, Partition, Source, check_split, files_key, in_holdout, stable_id, validate_rows
 from engine.data.sources import DATASETS, GENERIC_MEAN, GENERIC_STD
 from engine.errors import ConfigError, DataError
 

@@ -9,8 +9,16 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from engine.data.base import (ArraySplit, DataInfo, InMemorySource, Partition, Source, check_split,
-                              files_key, validate_rows)
+from engine.data.base import (
+    ArraySplit,
+    DataInfo,
+    InMemorySource,
+    Partition,
+    Source,
+    check_split,
+    files_key,
+    validate_rows,
+)
 from engine.data.idx import FASHION_CLASSES, find_idx, read_idx_split
 from engine.errors import ConfigError, DataError
 from engine.registry import Registry

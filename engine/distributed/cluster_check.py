@@ -81,7 +81,7 @@ def check(path: str | Path) -> List[str]:
     try:
         config = load(path)
         validate_with_ray(config)
-    except Exception as e:  # noqa: BLE001  (schema, value and YAML errors all mean "broken")
+    except Exception as e:  # any error: schema, value and YAML errors all mean "broken"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return [f"Ray rejects it: {type(e).__name__}: {first}"]
     return winnow_problems(config)

@@ -57,8 +57,15 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _train_loop(loop_cfg: dict) -> None:
     """Runs in every Ray Train worker."""
     from engine.models import build_model
-    from engine.train import (epoch_plan, evaluate, make_optimizer, seed_everything, shuffled_batches,
-                              train_epoch, weighted_batches)
+    from engine.train import (
+        epoch_plan,
+        evaluate,
+        make_optimizer,
+        seed_everything,
+        shuffled_batches,
+        train_epoch,
+        weighted_batches,
+    )
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own line per pass is enough
     cfg: TrainConfig = loop_cfg["cfg"]

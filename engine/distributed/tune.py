@@ -23,7 +23,6 @@ from typing import Callable, List, Optional, Sequence
 import ray
 from ray import tune
 
-
 logger = logging.getLogger(__name__)
 
 # What a trial's own function reserves (Tune refuses an empty request); its TorchTrainer's
@@ -53,7 +52,7 @@ def trial_dir_name() -> Optional[str]:
     """The running Tune trial's name, or None outside Tune."""
     try:
         return tune.get_context().get_trial_name()
-    except Exception:  # noqa: BLE001  (not in a Tune session)
+    except Exception:  # any error: not in a Tune session
         return None
 
 
@@ -156,7 +155,7 @@ def reclaim_orphaned_placement_groups(job_id: Optional[str] = None) -> List[str]
         try:
             ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
             removed.append(pg_hex)
-        except Exception as e:  # noqa: BLE001  (removed meanwhile, e.g. by Ray Train's cleaner)
+        except Exception as e:  # any error: removed meanwhile, e.g. by Ray Train's cleaner
             logger.debug("placement group %s not removed: %s", pg_hex, e)
     return removed
 
@@ -178,7 +177,7 @@ class ReclaimOrphanedPlacementGroups(tune.Callback):
         self._last = now
         try:
             removed = reclaim_orphaned_placement_groups()
-        except Exception as e:  # noqa: BLE001  (never let housekeeping fail a sweep)
+        except Exception as e:  # any error: never let housekeeping fail a sweep
             logger.warning("could not check for orphaned placement groups: %s", e)
             return
         if removed:

@@ -72,7 +72,7 @@ class Builder:
 
                     source = load_source(spec)
                     self._data = (source.arrays("train"), source.info())
-                except Exception as exc:  # noqa: BLE001  (any failure only skips the images)
+                except Exception as exc:  # any error: any failure only skips the images
                     self._data_error = f"the data source {spec!r} could not be loaded ({type(exc).__name__}: {exc})"
         return self._data
 
@@ -255,7 +255,7 @@ class Builder:
                                            for lo, hi in pc.values()])) if picks else np.zeros(0, np.int64)
         try:
             sub = split.subset(needed)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # any error: the report says why these figures were skipped
             s.skipped = (f"the score table's ids do not match the data source "
                          f"{self.opts.data or self.run.data!r} ({exc})")
             return

@@ -12,9 +12,9 @@ from typing import Dict, List, Sequence, Tuple
 import matplotlib
 
 matplotlib.use("Agg", force=False)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
 DPI = 110
 MAX_CLASSES = 20        # small multiples and legends beyond this are unreadable

@@ -20,8 +20,8 @@ from engine.registry import Registry
 SCORERS: Registry = Registry("scorer")
 HISTORY_SCORERS: Registry = Registry("history scorer")
 
-from engine.scores import history as _history  # noqa: E402,F401  (fills HISTORY_SCORERS)
-from engine.scores import model_scores as _model_scores  # noqa: E402,F401  (fills SCORERS)
+from engine.scores import history as _history  # noqa: F401  (fills HISTORY_SCORERS)
+from engine.scores import model_scores as _model_scores  # noqa: F401  (fills SCORERS)
 
 
 def parse_score_names(text: str | Sequence[str]) -> list[str]:

@@ -174,7 +174,8 @@ def per_sample_grad_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     if any(c > 1 for c in calls.values()):
         many = sorted({names[m] or type(m).__name__ for m, c in calls.items() if c > 1})
         warnings.warn(f"per-sample gradient norms: layers {many} run more than once per forward; using torch.func")
-        del logits, roots
+        del logits
+        roots.clear()  # frees the tensors; `del roots` here would leave fwd_hook's closure dangling
         pending.clear()
         return _func_grad_sq_norms(model, x, y, loss_fn)
     if not roots:  # every parameter layer's input already depends on a parameter
@@ -185,7 +186,8 @@ def per_sample_grad_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     loss = loss_fn(logits.float(), y, reduction="sum")
     del logits
     torch.autograd.grad(loss, roots, allow_unused=True)
-    del roots, loss
+    del loss
+    roots.clear()
     pending.clear()  # layers whose output does not reach the loss: zero gradient
     if bad:
         warnings.warn(f"per-sample gradient norms: the input of {bad} is modified in place; using torch.func")
@@ -350,8 +352,7 @@ def conv_costs(m: nn.Conv2d, a_shape, g_shape, cost: dict) -> dict:
 
 
 def _conv_weight_sq_norm(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, plan: _Plan, name: str) -> torch.Tensor:
-    B, C, H, W = a.shape
-    O = g.shape[1]
+    C = a.shape[1]
     kh, kw = m.kernel_size
     T = g.shape[2] * g.shape[3]
     K = C * kh * kw

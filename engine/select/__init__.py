@@ -31,9 +31,9 @@ class Selection:
     info: dict = field(default_factory=dict)
 
 
-from engine.select.quota import class_quotas, total_quota  # noqa: E402
-from engine.select import basic as _basic  # noqa: E402,F401  (fills SELECTORS)
-from engine.select import geda_selector as _geda  # noqa: E402,F401
-from engine.select import coreset as _coreset  # noqa: E402,F401
+from engine.select import basic as _basic  # noqa: F401  (fills SELECTORS)
+from engine.select import coreset as _coreset  # noqa: F401  (fills SELECTORS)
+from engine.select import geda_selector as _geda  # noqa: F401  (fills SELECTORS)
+from engine.select.quota import class_quotas, total_quota
 
 __all__ = ["SELECTORS", "Selection", "class_quotas", "total_quota"]
