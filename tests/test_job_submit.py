@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT
@@ -82,8 +83,8 @@ def ray_head():
         yield address, env
     finally:
         os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=10)
+        try:  # a graceful stop takes ~10 s on 2 cores; the daemons left are killed by PID below
+            head.wait(timeout=3)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         for pid in _pids_under(temp_dir):  # daemons that left the group: stop them by PID
@@ -100,16 +101,22 @@ def status_of(address: str, submission_id: str) -> str:
     return str(JobSubmissionClient(address).get_job_status(submission_id).value)
 
 
-def test_pipeline_smoke_test_via_ray_job_submit(ray_head, tmp_path):
+def submit_job(ray_head, sub_id: str, argv: list, timeout: int):
+    """``ray job submit`` of ``python argv...`` from the repository; returns (address,
+    completed process, its output)."""
     address, env = ray_head
-    env = {**env, "RAY_ADDRESS": address}
+    submit = subprocess.run(
+        [str(RAY), "job", "submit", "--working-dir", ".", "--submission-id", sub_id, "--", sys.executable, *argv],
+        cwd=ROOT, env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=timeout)
+    return address, submit, submit.stdout + submit.stderr
+
+
+@pytest.mark.slow  # 100 s on 2 cores; test_score_via_ray_job_submit covers ray job submit by default
+def test_pipeline_smoke_test_via_ray_job_submit(ray_head, tmp_path):
     out = tmp_path / "pipeline"
     sub_id = f"winnow-test-{os.getpid()}"
-    submit = subprocess.run(
-        [str(RAY), "job", "submit", "--working-dir", ".", "--submission-id", sub_id, "--",
-         sys.executable, "-m", "jobs.pipeline", "--smoke-test", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    log = submit.stdout + submit.stderr
+    address, submit, log = submit_job(ray_head, sub_id, ["-m", "jobs.pipeline", "--smoke-test", "--out", str(out)],
+                                      900)
     assert submit.returncode == 0, log[-3000:]
     assert status_of(address, sub_id) == "SUCCEEDED"
     # the job ran on the cluster (its driver connected to the head, not a private local Ray)
@@ -118,6 +125,21 @@ def test_pipeline_smoke_test_via_ray_job_submit(ray_head, tmp_path):
     assert results["rows"] and all(0 < r["test_accuracy"] <= 1 for r in results["rows"])
     assert (out / "score" / "scores.parquet").is_file()
     assert not (out / "score" / "_partial").exists()
+
+
+def test_score_via_ray_job_submit(ray_head, tmp_path):
+    """A scoring job submitted to the cluster: proxies as Ray tasks and Ray Data scoring actors
+    on the head, the score table written, nothing partial left."""
+    out = tmp_path / "score"
+    sub_id = f"winnow-score-{os.getpid()}"
+    address, submit, log = submit_job(ray_head, sub_id, ["-m", "jobs.score", "--data", "digits", "--scores",
+                                                         "el2n,forgetting", "--seeds", "1", "--epochs", "1",
+                                                         "--out", str(out)], 600)
+    assert submit.returncode == 0, log[-3000:]
+    assert status_of(address, sub_id) == "SUCCEEDED"
+    table = pq.read_table(out / "scores.parquet")
+    assert table.num_rows == 1438 and {"sample_id", "label", "el2n", "forgetting"} <= set(table.column_names)
+    assert not (out / "_partial").exists()
 
 
 def test_failed_job_reports_failure(ray_head, tmp_path):

@@ -155,9 +155,11 @@ def test_cli_subprocess_exit_status_and_help(tmp_path):
                           "--fraction", "2", "--out", str(tmp_path / "m.parquet")],
                          capture_output=True, text=True, cwd=tmp_path, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "fraction must be in (0, 1]" in bad.stderr
-    for job in ("score", "select", "train", "pipeline"):
-        h = subprocess.run([sys.executable, "-m", f"jobs.{job}", "--help"], capture_output=True, text=True, env=env)
-        assert h.returncode == 0 and "--out" in h.stdout
+    helps = [subprocess.Popen([sys.executable, "-m", f"jobs.{job}", "--help"], stdout=subprocess.PIPE, text=True,
+                              env=env) for job in ("score", "select", "train", "pipeline")]  # side by side
+    for h in helps:
+        stdout, _ = h.communicate(timeout=120)
+        assert h.returncode == 0 and "--out" in stdout
 
 
 # ------------------------------------------------------------------ on local Ray
@@ -240,6 +242,7 @@ def test_error_inside_ray_task_is_clean(ray_local, run_job, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # 70 s on 2 cores; the default run covers jobs.pipeline through ray job submit
 def test_pipeline_smoke_end_to_end(ray_local, run_job, tmp_path):
     out = tmp_path / "p"
     code, stdout, err = run_job(pipeline, ["--smoke-test", "--selectors", "random,topk:el2n", "--out", out])

@@ -71,6 +71,7 @@ def test_ray_data_scores_equal_direct_calls(ray_local, tmp_path, actors):
     assert set(got) == {"sample_id", "label", *ref}          # no bookkeeping column leaks out
 
 
+@pytest.mark.slow  # fault drill, 13 s on 2 cores (make test-all)
 def test_killed_actor_is_restarted_and_nothing_is_lost(ray_local, tmp_path, capsys):
     from engine.distributed.scoring import CHAOS_FILE, score_on_ray
 
@@ -87,6 +88,7 @@ def test_killed_actor_is_restarted_and_nothing_is_lost(ray_local, tmp_path, caps
         np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # fault drill, 43 s on 2 cores (make test-all)
 def test_rerun_after_driver_kill_reuses_shards(ray_local, tmp_path):
     """SIGKILL a real `python -m jobs.score` once some shards are on disk, rerun the same
     command, and check it reuses them and writes the same scores as direct calls."""

@@ -53,6 +53,7 @@ def test_smoke_sweep_results(smoke_sweep):
     assert "<img" in html and "data:image/png;base64," in html
 
 
+@pytest.mark.slow  # resume drill, 26 s on 2 cores (make test-all)
 def test_rerun_resumes_without_retraining(smoke_sweep, run_job):
     out = smoke_sweep
     before = {p: p.stat().st_mtime for p in (out / "trials").glob("*/metrics.json")}

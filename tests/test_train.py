@@ -91,6 +91,7 @@ def _train(run_job, out, *extra):
     return code, stdout, err
 
 
+@pytest.mark.slow  # fault drill, 50 s on 2 cores (make test-all)
 def test_injected_worker_failure_resumes_to_the_same_weights(ray_local, run_job, tmp_path):
     code, _, err = _train(run_job, tmp_path / "clean")
     assert code == 0, err
@@ -107,6 +108,7 @@ def test_injected_worker_failure_resumes_to_the_same_weights(ray_local, run_job,
     _assert_same_weights(tmp_path / "clean" / "model.pt", tmp_path / "chaos" / "model.pt")
 
 
+@pytest.mark.slow  # fault drill, 58 s on 2 cores (make test-all)
 def test_rerun_after_a_failed_run_resumes(ray_local, run_job, tmp_path):
     out = tmp_path / "run"
     (out / "_partial").mkdir(parents=True)
@@ -164,20 +166,30 @@ def test_train_refuses_bad_options(run_job, tmp_path, argv, pattern):
     assert "Traceback" not in err and not (tmp_path / "t").exists()
 
 
-def test_ray_data_loader_streams_the_manifest_rows(ray_local, run_job, tmp_path):
-    """--loader ray-data: the workers stream their Ray Data shard (the manifest's rows and
-    weights, read in parallel) instead of holding the split; every row once per pass (checked
-    inside the loop against the driver's count), both budgets."""
+def _half_manifest(tmp_path):
     src = load_source(DATA)
     ids = np.sort(src.arrays("train").sample_id)[::2]
     manifest = tmp_path / "m.parquet"
     artifacts.write_manifest(manifest, ids, np.linspace(0.5, 2.0, len(ids)), {})
+    return src, ids, manifest
+
+
+def test_ray_data_loader_streams_the_manifest_rows(ray_local, run_job, tmp_path):
+    """--loader ray-data: the workers stream their Ray Data shard (the manifest's rows and
+    weights, read in parallel) instead of holding the split; every row once per pass (checked
+    inside the loop against the driver's count)."""
+    src, ids, manifest = _half_manifest(tmp_path)
     out = tmp_path / "stream"
     code, _, err = _train(run_job, out, "--manifest", manifest, "--loader", "ray-data", "--epochs", "3")
     assert code == 0, err
     m = json.loads((out / "metrics.json").read_text())
     assert m["samples_seen"] == 3 * len(ids) and m["steps"] == 3 * math.ceil(len(ids) / 128)
     assert m["config"]["loader"] == "ray-data" and m["test_accuracy"] > 0.3, m
+
+
+@pytest.mark.slow  # 23 s on 2 cores; the epochs budget above covers the loader in the default run
+def test_ray_data_loader_steps_budget(ray_local, run_job, tmp_path):
+    src, _, manifest = _half_manifest(tmp_path)
     out2 = tmp_path / "stream-steps"
     code, _, err = _train(run_job, out2, "--loader", "ray-data", "--epochs", "1", "--budget", "steps",
                           "--manifest", manifest)
