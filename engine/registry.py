@@ -5,7 +5,9 @@ error that lists the known names, so the CLI can print it as is.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Generic, Iterator, TypeVar
+import importlib
+import pkgutil
+from typing import Callable, Dict, Generic, Iterable, Iterator, TypeVar
 
 from engine.errors import ConfigError
 
@@ -49,3 +51,14 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+
+def import_submodules(package: str, path: Iterable[str], skip: Iterable[str] = ()) -> None:
+    """Import every module of ``package`` (give its ``__name__`` and ``__path__``), in name
+    order, except private ones (``_x``) and those in ``skip``. A module that defines methods
+    registers them when it is imported, so adding a scorer, selector, model or data source is
+    adding one file to its package."""
+    skip = set(skip)
+    for info in sorted(pkgutil.iter_modules(list(path)), key=lambda m: m.name):
+        if not info.name.startswith("_") and info.name not in skip:
+            importlib.import_module(f"{package}.{info.name}")

@@ -5,11 +5,14 @@
 ``synthetic:N[,HxW[,C]]``); a source gives its splits in memory (``arrays``) or as
 picklable partitions that Ray Data reads in parallel (``partitions``).
 """
-from engine.data import files as _files  # noqa: F401  (registers parquet, imagefolder)
 from engine.data.base import ArraySplit, DataInfo, Partition, Source, validate_rows
 from engine.data.files import write_parquet_source
 from engine.data.sources import DATASETS, load_source
 from engine.data.transforms import normalize
+from engine.registry import import_submodules
+
+# each module registers its sources on import (sources, files, any new file); make_mini is a script
+import_submodules(__name__, __path__, skip=("make_mini",))
 
 __all__ = ["ArraySplit", "DATASETS", "DataInfo", "Partition", "Source", "load_source", "normalize",
            "validate_rows", "write_parquet_source"]

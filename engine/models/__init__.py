@@ -18,7 +18,7 @@ from torch import nn
 
 from engine.errors import ConfigError
 from engine.models.lcnn import LayerOptions
-from engine.registry import Registry
+from engine.registry import Registry, import_submodules
 
 MODELS: Registry = Registry("model")
 
@@ -154,3 +154,7 @@ def check_model_name(name: str) -> None:
             _torchvision(tv, 3, 2)  # raises with the list of names
         return
     MODELS[name]
+
+
+# models defined in other modules of this package register themselves on import (any new file)
+import_submodules(__name__, __path__)

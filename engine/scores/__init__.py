@@ -15,13 +15,13 @@ from __future__ import annotations
 from typing import Sequence
 
 from engine.errors import ConfigError
-from engine.registry import Registry
+from engine.registry import Registry, import_submodules
 
 SCORERS: Registry = Registry("scorer")
 HISTORY_SCORERS: Registry = Registry("history scorer")
 
-from engine.scores import history as _history  # noqa: F401  (fills HISTORY_SCORERS)
-from engine.scores import model_scores as _model_scores  # noqa: F401  (fills SCORERS)
+# each module registers its scorers on import (history, model_scores, any new file)
+import_submodules(__name__, __path__)
 
 
 def parse_score_names(text: str | Sequence[str]) -> list[str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.registry import Registry
+from engine.registry import Registry, import_submodules
 
 SELECTORS: Registry = Registry("selector")
 
@@ -31,9 +31,9 @@ class Selection:
     info: dict = field(default_factory=dict)
 
 
-from engine.select import basic as _basic  # noqa: F401  (fills SELECTORS)
-from engine.select import coreset as _coreset  # noqa: F401  (fills SELECTORS)
-from engine.select import geda_selector as _geda  # noqa: F401  (fills SELECTORS)
 from engine.select.quota import class_quotas, total_quota
+
+# each module registers its selectors on import (basic, coreset, geda_selector, any new file)
+import_submodules(__name__, __path__)
 
 __all__ = ["SELECTORS", "Selection", "class_quotas", "total_quota"]
