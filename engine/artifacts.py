@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.errors import DataError
+from engine.errors import DamagedFileError, DataError, RefusedFileError
 
 META_KEY = b"winnow"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +76,41 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_tensors(path: str | Path, obj: Any) -> None:
+    """``torch.save`` of ``obj`` (tensors, numbers, strings, None and lists, tuples and dicts of
+    them: what ``load_tensors`` accepts), written atomically."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_tensors(path: str | Path, what: str) -> Any:
+    """Read a file written by ``save_tensors`` as data, never as code: torch's weights-only
+    unpickler builds tensors and plain containers and refuses every other object, so a planted
+    pickle (a ``__reduce__`` that calls ``os.system``, say) is refused without running.
+
+    Raises ``RefusedFileError`` for such a file and ``DamagedFileError`` for a truncated or
+    unreadable one; both name the file and say ``what`` it should have been."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise RefusedFileError(f"{path}: refused to load {what}: it holds objects other than tensors and plain "
+                               f"values, so Winnow did not write it; nothing in it was run ({first}). "
+                               f"Delete it to start over") from None
+    except Exception as e:  # any error: truncated zip, short read, bad header
+        raise DamagedFileError(f"{path}: {what} is damaged or truncated ({type(e).__name__}: "
+                               f"{str(e).strip()[:200]})") from None
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -20,6 +20,15 @@ class DataError(WinnowError, ValueError):
     """Input data (images, labels, ids, score tables, manifests) is malformed."""
 
 
+class RefusedFileError(DataError):
+    """A checkpoint, proxy or cache file holds something other than tensors and plain values (a
+    planted or foreign pickle). It was not executed; Winnow never loads code from a file."""
+
+
+class DamagedFileError(DataError):
+    """A checkpoint, proxy or cache file is truncated or does not have the layout Winnow writes."""
+
+
 class RunFailedError(WinnowError, RuntimeError):
     """A distributed run failed for a reason outside the user's input (a worker died more
     often than the configured restarts allow). Jobs exit with status 1 and say how to resume."""

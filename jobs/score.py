@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,12 +17,11 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from engine import artifacts
 from engine.config import ScoreConfig, to_dict
 from engine.data import load_source
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DamagedFileError
 from engine.models import check_model_name
 from engine.scores import (
     HISTORY_SCORERS,
@@ -170,24 +168,36 @@ def _proxies(cfg: ScoreConfig, keep: tuple, work: Path) -> list:
     """Train the proxies, or load them from an interrupted run of the same configuration."""
     from engine.distributed.scoring import train_proxies
 
-    key = hashlib.sha256(json.dumps({"data": cfg.data, "model": cfg.model, "seeds": cfg.seeds, "epochs": cfg.epochs,
-                                     "keep": list(keep), "optim": to_dict(cfg.optim)}, sort_keys=True).encode())
-    path = work / f"proxies-{key.hexdigest()[:16]}.pt"
+    path = proxies_path(cfg, keep, work)
     if path.exists():
-        try:
-            runs = torch.load(path, weights_only=False)
-            print(f"resuming: reusing {len(runs)} trained proxies from {path}", flush=True)
-            return runs
-        except Exception as exc:  # any error: a damaged file: train again
-            print(f"{path}: unreadable ({exc}); training the proxies again", flush=True)
+        runs = load_proxies(path)
+        print(f"resuming: reusing {len(runs)} trained proxies from {path}", flush=True)
+        return runs
     runs = train_proxies(cfg, keep)
     work.mkdir(parents=True, exist_ok=True)
     for old in work.glob("proxies-*.pt"):
         old.unlink()
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(runs, tmp)
-    os.replace(tmp, path)
+    artifacts.save_tensors(path, [r.to_tensors() for r in runs])
     return runs
+
+
+def proxies_path(cfg: ScoreConfig, keep: tuple, work: Path) -> Path:
+    """Where a run of this configuration keeps its trained proxies until it finishes."""
+    key = hashlib.sha256(json.dumps({"data": cfg.data, "model": cfg.model, "seeds": cfg.seeds, "epochs": cfg.epochs,
+                                     "keep": list(keep), "optim": to_dict(cfg.optim)}, sort_keys=True).encode())
+    return work / f"proxies-{key.hexdigest()[:16]}.pt"
+
+
+def load_proxies(path: Path) -> list:
+    """The proxies a killed run saved, read as tensors only (a planted pickle is refused)."""
+    from engine.train import ProxyRun
+
+    data = artifacts.load_tensors(path, "the saved proxies")
+    try:
+        return [ProxyRun.from_tensors(d) for d in data]
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise DamagedFileError(f"{path}: the saved proxies do not have the layout jobs.score writes ({e!r}); "
+                               f"delete it to train them again") from None
 
 
 def _ids_and_labels(run) -> tuple:

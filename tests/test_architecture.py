@@ -5,6 +5,8 @@ runs in well under a second).
   the jobs reach Ray through it, and read Ray's version through ``importlib.metadata``;
 * only the runtime helper (``engine/distributed/runtime.py``) starts Ray: jobs and benchmarks
   call ``ray_session``, never ``ray.init``;
+* files are data: ``torch.load`` is called only by ``engine.artifacts.load_tensors`` (weights
+  only); no ``pickle`` / ``cloudpickle`` load, no ``yaml.load``, no ``allow_pickle=True``;
 * ``ruff check .`` is clean (``make lint``; ``make test`` runs it first).
 
 Every failure lists all offenders as ``path:line: what``.
@@ -114,6 +116,35 @@ def ray_starters(root: Path = ROOT) -> list[str]:
             if path.relative_to(root).as_posix() != RAY_STARTER for line in _ray_init_calls(path)]
 
 
+UNSAFE_CALLS = {("torch", "load"), ("pickle", "load"), ("pickle", "loads"), ("cloudpickle", "load"),
+                ("cloudpickle", "loads"), ("yaml", "load"), ("yaml", "unsafe_load"), ("dill", "load"),
+                ("dill", "loads"), ("joblib", "load")}
+SAFE_LOADER = ("engine/artifacts.py", "load_tensors")
+
+
+def unsafe_loads(root: Path = ROOT) -> list[str]:
+    """``path:line: what`` for each call that could run code from a file: ``X.load(...)`` for the
+    modules above (outside ``load_tensors``) and any call with ``allow_pickle=True``."""
+    out = []
+    for path in _py_files("engine", "jobs", "bench", root=root):
+        rel = path.relative_to(root).as_posix()
+        tree = _tree(path)
+        allowed = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and (rel, node.name) == SAFE_LOADER:
+                allowed |= {id(n) for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call) or id(node) in allowed:
+                continue
+            f = node.func
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and (f.value.id, f.attr) in UNSAFE_CALLS:
+                out.append(f"{rel}:{node.lineno}: {f.value.id}.{f.attr}(...)")
+            if any(k.arg == "allow_pickle" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                   for k in node.keywords):
+                out.append(f"{rel}:{node.lineno}: allow_pickle")
+    return out
+
+
 def _fail_if(offenders: list[str], what: str) -> None:
     if offenders:
         pytest.fail(f"{what} ({len(offenders)}):\n  " + "\n  ".join(offenders), pytrace=False)
@@ -125,6 +156,10 @@ def test_ray_is_imported_only_in_engine_distributed():
 
 def test_only_the_runtime_helper_starts_ray():
     _fail_if(ray_starters(), f"Ray started outside {RAY_STARTER}")
+
+
+def test_files_are_loaded_as_data_only():
+    _fail_if(unsafe_loads(), "calls that may run code from a file (use engine.artifacts.load_tensors)")
 
 
 def test_the_checks_catch_planted_violations(tmp_path):
@@ -141,6 +176,10 @@ def test_the_checks_catch_planted_violations(tmp_path):
         "jobs/j.py": "from ray.train import Checkpoint\n",
         "bench/b.py": "import ray as r\nr.init(num_cpus=1)\n",
         "bench/c.py": "from ray import init\ninit()\n",
+        "jobs/load.py": "import torch, pickle, numpy as np\ntorch.load('x')\npickle.loads(b'')\n"
+                        "np.load('x', allow_pickle=True)\nnp.load('y')\n",
+        "engine/artifacts.py": "def load_tensors(p):\n    return torch.load(p, weights_only=True)\n"
+                               "def other(p):\n    return torch.load(p)\n",
     }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +189,9 @@ def test_the_checks_catch_planted_violations(tmp_path):
         "engine/select/y.py:2: imports ray", "jobs/j.py:1: imports ray.train"]
     assert [o.split(": ")[0] for o in ray_starters(tmp_path)] == [
         "bench/b.py:2", "bench/c.py:2", "engine/distributed/ok.py:2"]
+    assert sorted(unsafe_loads(tmp_path)) == [
+        "engine/artifacts.py:4: torch.load(...)", "jobs/load.py:2: torch.load(...)", "jobs/load.py:3: pickle.loads(...)",
+        "jobs/load.py:4: allow_pickle"]
 
 
 def _ruff() -> list[str]:

@@ -26,10 +26,10 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from engine.artifacts import atomic_write_bytes
+from engine.artifacts import atomic_write_bytes, load_tensors
 from engine.config import TrainConfig, to_dict
 from engine.data import load_source
 from engine.errors import RunFailedError, user_error
@@ -102,7 +102,7 @@ def _train_loop(loop_cfg: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+            saved = load_tensors(os.path.join(d, "state.pt"), "the training state of a Ray Train checkpoint")
         _unwrap(model).load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
@@ -316,6 +316,17 @@ def _raise_run_failed(exc: BaseException, cfg: TrainConfig, work: Path):
                          f"(worker logs: the Ray session's logs/train/)") from exc
 
 
+def check_checkpoints(storage: str, name: str) -> None:
+    """Before a run resumes, read every file of its local checkpoints as data (tensors only):
+    a planted or damaged file stops the job with one line naming it, before any worker starts
+    (the workers read them the same way). Checkpoints on a remote ``--checkpoint-storage`` are
+    checked by the workers when they load them."""
+    if "://" in storage:
+        return
+    for path in sorted(Path(storage, name).glob("checkpoint_*/*.pt")):
+        load_tensors(path, "a file of a Ray Train checkpoint")
+
+
 def _storage_path(cfg: TrainConfig, work: Path) -> str:
     """Where Ray Train keeps checkpoints: ``checkpoint_storage`` (a URI or shared path; runs
     are told apart by the fingerprinted name, under the output directory's name) or local."""
@@ -360,8 +371,10 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=bool(cfg.gpus),
                                      resources_per_worker={"CPU": cpus, **({"GPU": cfg.gpus} if cfg.gpus else {})}),
         run_config=RunConfig(storage_path=_storage_path(cfg, work), name=name, callbacks=list(callbacks),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
+    check_checkpoints(_storage_path(cfg, work), name)
     t0 = time.time()
     try:
         result = trainer.fit()
@@ -372,7 +385,7 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
         _raise_run_failed(result.error, cfg, work)
     metrics = dict(result.metrics or {})
     with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "model.pt"), map_location="cpu")
+        state = load_tensors(os.path.join(d, "model.pt"), "the trained model")
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(out / "model.pt", buf.getvalue())

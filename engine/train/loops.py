@@ -204,6 +204,24 @@ class ProxyRun:
     train_loss: list
     label: np.ndarray = None  # int64 [N], aligned with ``sample_id``
 
+    def to_tensors(self) -> dict:
+        """The run as tensors and plain values only (what ``artifacts.load_tensors`` reads)."""
+        # torch.tensor copies: torch.save refuses tensors of different dtypes that share memory,
+        # which empty numpy arrays (no proxy epochs yet) can do
+        return {"seed": int(self.seed), "states": {int(e): dict(s) for e, s in self.states.items()},
+                "correct": torch.tensor(np.asarray(self.correct, dtype=bool)),
+                "sample_id": torch.tensor(np.asarray(self.sample_id, dtype=np.int64)),
+                "train_loss": [float(x) for x in self.train_loss],
+                "label": None if self.label is None else torch.tensor(np.asarray(self.label, dtype=np.int64))}
+
+    @classmethod
+    def from_tensors(cls, d: dict) -> "ProxyRun":
+        """Inverse of ``to_tensors``; KeyError / TypeError / AttributeError on another layout."""
+        return cls(seed=int(d["seed"]), states={int(e): dict(s) for e, s in d["states"].items()},
+                   correct=d["correct"].numpy().astype(bool), sample_id=d["sample_id"].numpy().astype(np.int64),
+                   train_loss=[float(x) for x in d["train_loss"]],
+                   label=None if d["label"] is None else d["label"].numpy().astype(np.int64))
+
 
 def fit_proxy(
     split: ArraySplit,

@@ -1,0 +1,138 @@
+"""Files are data, never code (issue 29, slice 1): proxies, Ray Train checkpoints and the final
+model are read with torch's weights-only unpickler. A planted pickle whose ``__reduce__`` runs a
+shell command is refused with one line naming the file, and its command never runs."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import artifacts
+from engine.data import load_source
+from engine.errors import DamagedFileError, RefusedFileError
+from engine.train import ProxyRun
+from jobs import score, train
+
+
+class Payload:
+    """Unpickling this runs ``touch MARKER`` (what an attacker would plant)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant(path: Path, marker: Path, how: str = "torch") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    obj = {"model": {"weight": torch.zeros(2)}, "extra": Payload(marker)}
+    if how == "torch":
+        torch.save(obj, path)
+    else:
+        path.write_bytes(pickle.dumps(obj))
+
+
+def test_the_payload_runs_when_loaded_as_code(tmp_path):
+    """The planted file is a real attack: the old ``weights_only=False`` load runs it."""
+    marker = tmp_path / "pwned"
+    plant(tmp_path / "x.pt", marker)
+    torch.load(tmp_path / "x.pt", weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("how", ["torch", "pickle"])
+def test_load_tensors_refuses_a_planted_pickle(tmp_path, how):
+    marker = tmp_path / "pwned"
+    plant(tmp_path / "x.pt", marker, how)
+    with pytest.raises(RefusedFileError, match=r"x\.pt: refused to load the thing"):
+        artifacts.load_tensors(tmp_path / "x.pt", "the thing")
+    assert not marker.exists()
+
+
+def test_load_tensors_reports_a_truncated_file(tmp_path):
+    artifacts.save_tensors(tmp_path / "ok.pt", {"w": torch.arange(1000.0), "n": 3, "s": "x", "l": [1.5, None]})
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DamagedFileError, match=r"cut\.pt: the thing is damaged or truncated"):
+        artifacts.load_tensors(tmp_path / "cut.pt", "the thing")
+    back = artifacts.load_tensors(tmp_path / "ok.pt", "the thing")
+    assert back["n"] == 3 and back["s"] == "x" and back["l"] == [1.5, None]
+    torch.testing.assert_close(back["w"], torch.arange(1000.0))
+
+
+def test_proxy_runs_round_trip_as_tensors(tmp_path):
+    run = ProxyRun(seed=3, states={0: {"w": torch.ones(2, 2)}, 2: {"w": torch.zeros(2, 2)}},
+                   correct=np.array([[True, False, True]]), sample_id=np.array([5, 1, 9]),
+                   train_loss=[np.float64(0.5), 0.25], label=np.array([0, 1, 1]))
+    artifacts.save_tensors(tmp_path / "p.pt", [run.to_tensors()])
+    back = score.load_proxies(tmp_path / "p.pt")[0]
+    assert back.seed == 3 and back.train_loss == [0.5, 0.25] and sorted(back.states) == [0, 2]
+    np.testing.assert_array_equal(back.correct, run.correct)
+    np.testing.assert_array_equal(back.sample_id, run.sample_id)
+    np.testing.assert_array_equal(back.label, run.label)
+    assert back.correct.dtype == bool and back.sample_id.dtype == np.int64
+    torch.testing.assert_close(back.states[0]["w"], torch.ones(2, 2))
+    # arrays of different dtypes over one buffer (as Ray hands them back from the object store)
+    raw = np.arange(4, dtype=np.int64)
+    shared = ProxyRun(seed=0, states={0: {"w": torch.ones(1)}}, correct=raw.view(bool)[:3][None],
+                      sample_id=raw[:3], train_loss=[], label=raw[1:])
+    artifacts.save_tensors(tmp_path / "e.pt", [shared.to_tensors()])
+    back = score.load_proxies(tmp_path / "e.pt")[0]
+    np.testing.assert_array_equal(back.sample_id, [0, 1, 2])
+    np.testing.assert_array_equal(back.label, [1, 2, 3])
+    artifacts.save_tensors(tmp_path / "other.pt", [{"seed": 1}])  # tensors only, but not our layout
+    with pytest.raises(DamagedFileError, match="do not have the layout"):
+        score.load_proxies(tmp_path / "other.pt")
+
+
+def test_score_refuses_planted_proxies(ray_local, run_job, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--data", "digits", "--scores", "el2n", "--seeds", "1", "--epochs", "1", "--out", str(out)]
+    cfg = score.config_from(argv)
+    _, keep, _, _ = score.scoring_plan(cfg, load_source(cfg.data).info())
+    path = score.proxies_path(cfg, keep, out / score.PARTIAL)
+    marker = tmp_path / "pwned"
+    plant(path, marker)
+    code, _, err = run_job(score, argv)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{path}: refused to load the saved proxies" in err
+    assert not marker.exists() and not (out / "scores.parquet").exists()
+
+
+def test_train_refuses_a_planted_or_damaged_checkpoint_and_resumes_from_a_genuine_one(ray_local, run_job, tmp_path):
+    """A run killed after its first pass leaves a checkpoint. Its state.pt replaced by a planted
+    pickle is refused before any worker starts; a truncated one is reported by name; the genuine
+    one, put back, is read as data by the resuming worker and the run finishes."""
+    import shutil
+
+    out = tmp_path / "run"
+    (out / "_partial").mkdir(parents=True)
+    (out / "_partial" / "chaos-fail-worker").touch()  # rank 0 exits after pass 1's checkpoint
+    argv = ["--data", "digits", "--epochs", "2", "--batch-size", "128", "--max-failures", "0", "--out", str(out)]
+    code, _, err = run_job(train, argv)
+    assert code == 1 and "rerun the same command to resume" in err, err
+    states = sorted((out / "_partial" / "ray_train").glob("run-*/checkpoint_*/state.pt"))
+    assert states, "the failed run kept no checkpoint"
+    state = states[-1]
+    shutil.copy(state, tmp_path / "genuine.pt")
+    marker = tmp_path / "pwned"
+    plant(state, marker)
+    code, _, err = run_job(train, argv)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{state}: refused to load" in err and not marker.exists()
+    assert not (out / "metrics.json").exists()
+    state.write_bytes((tmp_path / "genuine.pt").read_bytes()[:100])
+    code, _, err = run_job(train, argv)
+    assert code == 2 and f"{state}: a file of a Ray Train checkpoint is damaged or truncated" in err, err
+    shutil.copy(tmp_path / "genuine.pt", state)
+    code, _, err = run_job(train, argv)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["restarts"] == 1 and metrics["passes"] == 2
+    assert isinstance(artifacts.load_tensors(out / "model.pt", "the model"), dict)
