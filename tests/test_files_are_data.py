@@ -107,8 +107,9 @@ def test_score_refuses_planted_proxies(ray_local, run_job, tmp_path):
 
 def test_train_refuses_a_planted_or_damaged_checkpoint_and_resumes_from_a_genuine_one(ray_local, run_job, tmp_path):
     """A run killed after its first pass leaves a checkpoint. Its state.pt replaced by a planted
-    pickle is refused before any worker starts; a truncated one is reported by name; the genuine
-    one, put back, is read as data by the resuming worker and the run finishes."""
+    pickle is refused before any worker starts; a truncated one, with no other checkpoint, is
+    reported by name; with an older good checkpoint beside it the run falls back to that one, and
+    the resuming worker reads it as data and finishes the run."""
     import shutil
 
     out = tmp_path / "run"
@@ -121,6 +122,7 @@ def test_train_refuses_a_planted_or_damaged_checkpoint_and_resumes_from_a_genuin
     assert states, "the failed run kept no checkpoint"
     state = states[-1]
     shutil.copy(state, tmp_path / "genuine.pt")
+    shutil.copytree(state.parent, tmp_path / "genuine")
     marker = tmp_path / "pwned"
     plant(state, marker)
     code, _, err = run_job(train, argv)
@@ -130,9 +132,12 @@ def test_train_refuses_a_planted_or_damaged_checkpoint_and_resumes_from_a_genuin
     state.write_bytes((tmp_path / "genuine.pt").read_bytes()[:100])
     code, _, err = run_job(train, argv)
     assert code == 2 and f"{state}: a file of a Ray Train checkpoint is damaged or truncated" in err, err
-    shutil.copy(tmp_path / "genuine.pt", state)
-    code, _, err = run_job(train, argv)
+    assert "no checkpoint of this run reads back: delete" in err
+    # an older good checkpoint of the same run (its name sorts first, as an earlier pass's does)
+    shutil.copytree(tmp_path / "genuine", state.parent.with_name("checkpoint_2000-01-01_00-00-00.000000"))
+    code, stdout, err = run_job(train, argv)
     assert code == 0, err
+    assert f"{state}: a file of a Ray Train checkpoint is damaged" in stdout and "resumes from the newest" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["restarts"] == 1 and metrics["passes"] == 2
     assert isinstance(artifacts.load_tensors(out / "model.pt", "the model"), dict)

@@ -32,7 +32,7 @@ from ray.train.torch import TorchTrainer
 from engine.artifacts import atomic_write_bytes, load_tensors
 from engine.config import TrainConfig, to_dict
 from engine.data import load_source
-from engine.errors import RunFailedError, user_error
+from engine.errors import DamagedFileError, RunFailedError, user_error
 
 CHAOS_FILE = "chaos-fail-worker"  # touch RUN/_partial/chaos-fail-worker: rank 0 exits after its next checkpoint
 PARTIAL = "_partial"
@@ -101,8 +101,7 @@ def _train_loop(loop_cfg: dict) -> None:
     state = {"epoch": 0, "steps": 0, "samples_seen": 0, "train_time_s": 0.0, "history": [], "restarts": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            saved = load_tensors(os.path.join(d, "state.pt"), "the training state of a Ray Train checkpoint")
+        saved = _load_training_state(checkpoint, rank)
         _unwrap(model).load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
@@ -316,15 +315,53 @@ def _raise_run_failed(exc: BaseException, cfg: TrainConfig, work: Path):
                          f"(worker logs: the Ray session's logs/train/)") from exc
 
 
+STATE = "the training state of a Ray Train checkpoint"
+
+
+def _load_training_state(checkpoint, rank: int) -> dict:
+    """The training state saved in ``checkpoint``; if its file is damaged (a crash while it was
+    written), the newest older checkpoint of the same run that reads back (Ray Train keeps two).
+    A planted file is refused (``RefusedFileError``) and never falls back."""
+    with checkpoint.as_directory() as d:
+        try:
+            return load_tensors(os.path.join(d, "state.pt"), STATE)
+        except DamagedFileError as e:
+            damaged = e
+    here = Path(checkpoint.path)
+    older = sorted((p for p in here.parent.glob("checkpoint_*") if p.is_dir() and p.name < here.name), reverse=True) \
+        if "://" not in str(checkpoint.path) and here.is_dir() else []
+    for prev in older:
+        try:
+            saved = load_tensors(prev / "state.pt", STATE)
+        except DamagedFileError:
+            continue
+        if rank == 0:
+            print(f"train: {damaged}; resuming from the previous checkpoint {prev.name}", flush=True)
+        return saved
+    raise damaged
+
+
 def check_checkpoints(storage: str, name: str) -> None:
-    """Before a run resumes, read every file of its local checkpoints as data (tensors only):
-    a planted or damaged file stops the job with one line naming it, before any worker starts
-    (the workers read them the same way). Checkpoints on a remote ``--checkpoint-storage`` are
-    checked by the workers when they load them."""
+    """Before a run resumes, read every file of its local checkpoints as data (tensors only),
+    before any worker starts. A planted file anywhere stops the job with one line naming it.
+    Damaged files are reported; the job stops only if no checkpoint reads back whole (the
+    workers fall back to the newest one that does). Checkpoints on a remote
+    ``--checkpoint-storage`` are checked by the workers when they load them."""
     if "://" in storage:
         return
-    for path in sorted(Path(storage, name).glob("checkpoint_*/*.pt")):
-        load_tensors(path, "a file of a Ray Train checkpoint")
+    run = Path(storage, name)
+    damaged, good = [], []
+    for ckpt in sorted(p for p in run.glob("checkpoint_*") if p.is_dir()):  # not Ray's snapshot .json
+        try:
+            for path in sorted(ckpt.glob("*.pt")):
+                load_tensors(path, "a file of a Ray Train checkpoint")
+            good.append(ckpt)
+        except DamagedFileError as e:
+            damaged.append(e)
+    if damaged and not good:
+        raise DamagedFileError(f"{damaged[-1]}; no checkpoint of this run reads back: delete {run} to start over")
+    for e in damaged:
+        print(f"train: {e}; the run resumes from the newest checkpoint that reads back", flush=True)
 
 
 def _storage_path(cfg: TrainConfig, work: Path) -> str:
