@@ -107,7 +107,7 @@ def load_tensors(path: str | Path, what: str) -> Any:
         first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
         raise RefusedFileError(f"{path}: refused to load {what}: it holds objects other than tensors and plain "
                                f"values, so Winnow did not write it; nothing in it was run ({first}). "
-                               f"Delete it to start over") from None
+                               f"Delete it, or rerun with --fresh, to start over") from None
     except Exception as e:  # any error: truncated zip, short read, bad header
         raise DamagedFileError(f"{path}: {what} is damaged or truncated ({type(e).__name__}: "
                                f"{str(e).strip()[:200]})") from None

@@ -67,6 +67,33 @@ def output_dir(path: str | Path, keep: Sequence[str] = ()) -> Iterator[Path]:
         raise
 
 
+FRESH_HELP = ("start over: discard the resumable work an earlier run of this --out left (OUT/_partial: proxies, "
+              "score shards, Ray Train checkpoints, and the run's directory under --checkpoint-storage)")
+
+
+def add_fresh_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fresh", action="store_true", help=FRESH_HELP)
+
+
+def start_fresh(out: Path, checkpoint_storage: Optional[str] = None) -> None:
+    """``--fresh``: remove ``out/_partial`` and, for jobs.train, the run's directory under
+    ``checkpoint_storage`` (a shared path or a URI), saying what went."""
+    gone = []
+    partial = Path(out) / "_partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+        gone.append(str(partial))
+    if checkpoint_storage:
+        import pyarrow.fs as pafs
+
+        target = checkpoint_storage.rstrip("/") + "/" + Path(out).resolve().name
+        fs, path = pafs.FileSystem.from_uri(target if "://" in target else str(Path(target).resolve()))
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+            gone.append(target)
+    print(f"--fresh: removed {', '.join(gone)}" if gone else "--fresh: nothing to discard", flush=True)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that exits with status 2 and one line (no usage dump) on a bad flag."""
 

@@ -33,7 +33,7 @@ from engine.scores import (
     score_epochs_for,
 )
 from engine.scores.aggregate import history_scores, mean_std_over_seeds, model_key
-from jobs._cli import Parser, add_optim_flags, entry, int_list, optim_from, output_dir
+from jobs._cli import Parser, add_fresh_flag, add_optim_flags, entry, int_list, optim_from, output_dir, start_fresh
 
 
 def build_parser() -> Parser:
@@ -68,6 +68,7 @@ def build_parser() -> Parser:
                         "(the curvature scores always run in float32)")
     p.add_argument("--out", default=d.out, help="run directory; scores.parquet is written there")
     add_optim_flags(p)
+    add_fresh_flag(p)
     return p
 
 
@@ -197,7 +198,7 @@ def load_proxies(path: Path) -> list:
         return [ProxyRun.from_tensors(d) for d in data]
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise DamagedFileError(f"{path}: the saved proxies do not have the layout jobs.score writes ({e!r}); "
-                               f"delete it to train them again") from None
+                               f"rerun with --fresh (or delete it) to train them again") from None
 
 
 def _ids_and_labels(run) -> tuple:
@@ -249,7 +250,10 @@ def main(argv: Sequence[str]) -> None:
     from engine.distributed.runtime import ray_session
     from engine.storage import staged_output
 
+    fresh = build_parser().parse_args(argv).fresh
     with staged_output(cfg.out) as local, ray_session():
+        if fresh:
+            start_fresh(Path(local))
         run_score(replace(cfg, out=local))
 
 

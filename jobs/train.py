@@ -26,7 +26,7 @@ from engine.config import TrainConfig, to_dict
 from engine.data import load_source
 from engine.errors import DataError
 from engine.models import check_model_name
-from jobs._cli import Parser, add_optim_flags, entry, float_list, optim_from, output_dir
+from jobs._cli import Parser, add_fresh_flag, add_optim_flags, entry, float_list, optim_from, output_dir, start_fresh
 
 
 def build_parser() -> Parser:
@@ -80,6 +80,7 @@ def build_parser() -> Parser:
                         "(needed on a multi-node cluster; default OUT/_partial)")
     p.add_argument("--out", default=d.out, help="run directory for metrics.json and model.pt")
     add_optim_flags(p)
+    add_fresh_flag(p)
     return p
 
 
@@ -164,7 +165,10 @@ def main(argv: Sequence[str]) -> None:
     from engine.distributed.runtime import ray_session
     from engine.storage import staged_output
 
+    fresh = build_parser().parse_args(argv).fresh
     with staged_output(cfg.out) as local, ray_session():
+        if fresh:
+            start_fresh(Path(local), cfg.checkpoint_storage)
         run_train(replace(cfg, out=local), subset)
 
 

@@ -101,8 +101,28 @@ def test_score_refuses_planted_proxies(ray_local, run_job, tmp_path):
     plant(path, marker)
     code, _, err = run_job(score, argv)
     assert code == 2 and "Traceback" not in err, err
-    assert f"{path}: refused to load the saved proxies" in err
+    assert f"{path}: refused to load the saved proxies" in err and "rerun with --fresh" in err
     assert not marker.exists() and not (out / "scores.parquet").exists()
+    code, stdout, err = run_job(score, argv + ["--fresh"])  # the documented way to start over
+    assert code == 0, err
+    assert f"--fresh: removed {out / score.PARTIAL}" in stdout and "resuming" not in stdout
+    assert not marker.exists() and (out / "scores.parquet").is_file() and not path.exists()
+
+
+def test_fresh_removes_partial_work_and_the_runs_checkpoint_storage(tmp_path, capsys):
+    from jobs._cli import start_fresh
+
+    out, storage = tmp_path / "run", tmp_path / "ckpt"
+    (out / "_partial" / "shards").mkdir(parents=True)
+    (out / "metrics.json").write_text("{}")
+    (storage / "run" / "run-abc").mkdir(parents=True)
+    (storage / "other" / "run-abc").mkdir(parents=True)  # another run's checkpoints
+    start_fresh(out, str(storage))
+    assert not (out / "_partial").exists() and (out / "metrics.json").exists()
+    assert not (storage / "run").exists() and (storage / "other" / "run-abc").is_dir()
+    assert "--fresh: removed" in capsys.readouterr().out
+    start_fresh(out, str(storage))
+    assert capsys.readouterr().out.strip() == "--fresh: nothing to discard"
 
 
 def test_train_refuses_a_planted_or_damaged_checkpoint_and_resumes_from_a_genuine_one(ray_local, run_job, tmp_path):
@@ -132,7 +152,7 @@ def test_train_refuses_a_planted_or_damaged_checkpoint_and_resumes_from_a_genuin
     state.write_bytes((tmp_path / "genuine.pt").read_bytes()[:100])
     code, _, err = run_job(train, argv)
     assert code == 2 and f"{state}: a file of a Ray Train checkpoint is damaged or truncated" in err, err
-    assert "no checkpoint of this run reads back: delete" in err
+    assert "no checkpoint of this run reads back: rerun with --fresh" in err
     # an older good checkpoint of the same run (its name sorts first, as an earlier pass's does)
     shutil.copytree(tmp_path / "genuine", state.parent.with_name("checkpoint_2000-01-01_00-00-00.000000"))
     code, stdout, err = run_job(train, argv)

@@ -359,7 +359,8 @@ def check_checkpoints(storage: str, name: str) -> None:
         except DamagedFileError as e:
             damaged.append(e)
     if damaged and not good:
-        raise DamagedFileError(f"{damaged[-1]}; no checkpoint of this run reads back: delete {run} to start over")
+        raise DamagedFileError(f"{damaged[-1]}; no checkpoint of this run reads back: rerun with --fresh (or delete {run}) "
+                               f"to start over")
     for e in damaged:
         print(f"train: {e}; the run resumes from the newest checkpoint that reads back", flush=True)
 
