@@ -128,9 +128,12 @@ def check_inputs(cfg: ScoreConfig):
 
 def run_score(cfg: ScoreConfig) -> Path:
     """The job's stages; assumes a Ray session. Returns the path of scores.parquet."""
+    from engine.distributed.runtime import require_resources
     from engine.distributed.scoring import score_on_ray
 
     source = check_inputs(cfg)
+    require_resources(f"--gpus-per-actor {cfg.gpus_per_actor:g} with --cpus-per-actor {cfg.cpus_per_actor:g}",
+                      {"GPU": cfg.gpus_per_actor, "CPU": cfg.cpus_per_actor})
     epochs, keep, plan, params = scoring_plan(cfg, source.info())
     embed = (model_key(0, cfg.epochs), cfg.embedding_dim) if cfg.embedding_dim > 0 else None
     keep = tuple(sorted(set(keep) | ({cfg.epochs} if embed else set())))

@@ -62,6 +62,25 @@ def _dashboard_available() -> bool:
     return True
 
 
+def require_resources(what: str, per_unit: dict, units: int = 1) -> None:
+    """On a local Ray (no ``RAY_ADDRESS``: the job's own instance, or a test session's), refuse at
+    once what the machine can never give: ``units`` actors or workers needing ``per_unit``
+    resources each (``{"GPU": 1, "CPU": 2}``) beyond the instance's totals. Ray would otherwise
+    queue the request forever. On a cluster (``RAY_ADDRESS`` set) the autoscaler may add nodes,
+    so nothing is refused here. ``what`` names the flags, e.g. "--gpus 1 per worker"."""
+    from engine.errors import ConfigError
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    have = ray.cluster_resources()
+    for res, amount in per_unit.items():
+        need = float(amount or 0) * units
+        if need > 0 and need > float(have.get(res, 0)) + 1e-9:
+            raise ConfigError(f"{what} needs {need:g} {res}(s) in all; this machine's Ray has "
+                              f"{float(have.get(res, 0)):g} (on a cluster that adds nodes, set RAY_ADDRESS or use "
+                              f"ray job submit)")
+
+
 def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 

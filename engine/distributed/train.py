@@ -32,6 +32,7 @@ from ray.train.torch import TorchTrainer
 from engine.artifacts import atomic_write_bytes, load_tensors
 from engine.config import TrainConfig, to_dict
 from engine.data import load_source
+from engine.distributed.runtime import require_resources
 from engine.errors import DamagedFileError, RunFailedError, user_error
 
 CHAOS_FILE = "chaos-fail-worker"  # touch RUN/_partial/chaos-fail-worker: rank 0 exits after its next checkpoint
@@ -412,6 +413,8 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
+    require_resources(f"--workers {cfg.workers} with --gpus {cfg.gpus:g} and {cpus:g} CPU(s) per worker",
+                      {"GPU": cfg.gpus, "CPU": cpus}, cfg.workers)
     check_checkpoints(_storage_path(cfg, work), name)
     t0 = time.time()
     try:
