@@ -86,8 +86,11 @@ def start_fresh(out: Path, checkpoint_storage: Optional[str] = None) -> None:
     if checkpoint_storage:
         import pyarrow.fs as pafs
 
-        target = checkpoint_storage.rstrip("/") + "/" + Path(out).resolve().name
-        fs, path = pafs.FileSystem.from_uri(target if "://" in target else str(Path(target).resolve()))
+        from engine.distributed.train import checkpoint_root
+        from engine.storage import _filesystem
+
+        target = checkpoint_root(checkpoint_storage, out)
+        fs, path = _filesystem(target if "://" in target else str(Path(target).resolve()))
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             fs.delete_dir(path)
             gone.append(target)

@@ -11,7 +11,6 @@ so a resumed run takes exactly the steps an uninterrupted one would.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from engine.artifacts import atomic_write_bytes, load_tensors
+from engine.artifacts import load_tensors, save_tensors
 from engine.config import TrainConfig, to_dict
 from engine.data import load_source
 from engine.distributed.runtime import require_resources
@@ -329,7 +328,7 @@ def _load_training_state(checkpoint, rank: int) -> dict:
         except DamagedFileError as e:
             damaged = e
     here = Path(checkpoint.path)
-    older = sorted((p for p in here.parent.glob("checkpoint_*") if p.is_dir() and p.name < here.name), reverse=True) \
+    older = [p for p in reversed(_checkpoint_dirs(here.parent)) if p.name < here.name] \
         if "://" not in str(checkpoint.path) and here.is_dir() else []
     for prev in older:
         try:
@@ -352,7 +351,7 @@ def check_checkpoints(storage: str, name: str) -> None:
         return
     run = Path(storage, name)
     damaged, good = [], []
-    for ckpt in sorted(p for p in run.glob("checkpoint_*") if p.is_dir()):  # not Ray's snapshot .json
+    for ckpt in _checkpoint_dirs(run):
         try:
             for path in sorted(ckpt.glob("*.pt")):
                 load_tensors(path, "a file of a Ray Train checkpoint")
@@ -366,11 +365,21 @@ def check_checkpoints(storage: str, name: str) -> None:
         print(f"train: {e}; the run resumes from the newest checkpoint that reads back", flush=True)
 
 
+def checkpoint_root(checkpoint_storage: str, out: str | Path) -> str:
+    """The directory of one output's runs under ``--checkpoint-storage``."""
+    return checkpoint_storage.rstrip("/") + "/" + Path(out).resolve().name
+
+
+def _checkpoint_dirs(run: Path) -> list:
+    """A run's checkpoint directories, oldest first (not Ray's snapshot .json beside them)."""
+    return sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+
+
 def _storage_path(cfg: TrainConfig, work: Path) -> str:
     """Where Ray Train keeps checkpoints: ``checkpoint_storage`` (a URI or shared path; runs
     are told apart by the fingerprinted name, under the output directory's name) or local."""
     if cfg.checkpoint_storage:
-        return cfg.checkpoint_storage.rstrip("/") + "/" + Path(cfg.out).resolve().name
+        return checkpoint_root(cfg.checkpoint_storage, cfg.out)
     return str(work / "ray_train")
 
 
@@ -427,8 +436,6 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
     metrics = dict(result.metrics or {})
     with result.checkpoint.as_directory() as d:
         state = load_tensors(os.path.join(d, "model.pt"), "the trained model")
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(out / "model.pt", buf.getvalue())
+    save_tensors(out / "model.pt", state)
     metrics["wall_time_s"] = wall
     return metrics
