@@ -51,6 +51,9 @@ def test_cli(capsys):
      "no GPU worker"),
     (lambda c: c.update(head_start_ray_commands=["ray start --head --dashboard-host=0.0.0.0"]), "loopback"),
     (lambda c: c.update(setup_commands=["echo hi"]), "install this package"),
+    (lambda c: c["docker"].update(run_options=["--shm-size=16g"]), "token authentication"),
+    (lambda c: c["docker"].update(run_options=["--env RAY_AUTH_MODE=disabled"]), "token authentication"),
+    (lambda c: c["file_mounts"].pop("/home/ray/.ray/auth_token"), "copy the cluster's token"),
     (lambda c: c.update(setup_commands=["pip install -e /home/ray/winnow"]), "pin Ray"),
 ])
 def test_broken_variants_are_rejected(tmp_path, config, breakage, expect):

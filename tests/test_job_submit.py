@@ -1,11 +1,13 @@
 """Jobs run unchanged under ``ray job submit`` against a cluster: a local head started with
-``ray start --head`` (own temp dir and ports, loopback dashboard), ``jobs.pipeline
---smoke-test`` submitted with ``--working-dir .``, its status and artifacts checked. The head
-is stopped by the PIDs it started, never by ``ray stop``."""
+``ray start --head`` (own temp dir and ports, loopback dashboard, token authentication as
+cluster.yaml sets it up), ``jobs.pipeline --smoke-test`` submitted with ``--working-dir .`` and
+the token, its status and artifacts checked; a submission without the token is refused. The
+head is stopped by the PIDs it started, never by ``ray stop``."""
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -52,11 +54,17 @@ def _pids_under(temp_dir: str):
 def ray_head():
     pytest.importorskip("ray.dashboard.optional_deps", reason="ray job submit needs ray[default]")
     temp_dir = tempfile.mkdtemp(prefix="wjs-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    token_dir = tempfile.mkdtemp(prefix="wjs-token-")  # 0700; not temp_dir, which Ray makes world-writable
+    token = Path(token_dir) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
     gcs, dash, client, agent, metrics, env_agent, grpc, nm, om = free_ports(9)
-    # the test's interpreter first on PATH (CI runs .venv/bin/python without activating the venv)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+    # the test's interpreter first on PATH (CI runs .venv/bin/python without activating the venv);
+    # token authentication on the head and for every client, as cluster.yaml and the README say
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)
     cmd = [str(RAY), "start", "--head", "--block", f"--temp-dir={temp_dir}", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
            f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
@@ -68,11 +76,12 @@ def ray_head():
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
-        from urllib.request import urlopen
+        from urllib.request import Request, urlopen
 
+        version = Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token.read_text()}"})
         while True:
             try:
-                with urlopen(f"{address}/api/version", timeout=2) as r:
+                with urlopen(version, timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:
@@ -93,12 +102,14 @@ def ray_head():
             except ProcessLookupError:
                 pass
         shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(token_dir, ignore_errors=True)
 
 
-def status_of(address: str, submission_id: str) -> str:
+def status_of(address: str, submission_id: str, env: dict) -> str:
     from ray.job_submission import JobSubmissionClient
 
-    return str(JobSubmissionClient(address).get_job_status(submission_id).value)
+    bearer = {"Authorization": f"Bearer {Path(env['RAY_AUTH_TOKEN_PATH']).read_text().strip()}"}
+    return str(JobSubmissionClient(address, headers=bearer).get_job_status(submission_id).value)
 
 
 def submit_job(ray_head, sub_id: str, argv: list, timeout: int):
@@ -118,7 +129,7 @@ def test_pipeline_smoke_test_via_ray_job_submit(ray_head, tmp_path):
     address, submit, log = submit_job(ray_head, sub_id, ["-m", "jobs.pipeline", "--smoke-test", "--out", str(out)],
                                       900)
     assert submit.returncode == 0, log[-3000:]
-    assert status_of(address, sub_id) == "SUCCEEDED"
+    assert status_of(address, sub_id, ray_head[1]) == "SUCCEEDED"
     # the job ran on the cluster (its driver connected to the head, not a private local Ray)
     assert "pipeline finished" in log, log[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -136,10 +147,25 @@ def test_score_via_ray_job_submit(ray_head, tmp_path):
                                                          "el2n,forgetting", "--seeds", "1", "--epochs", "1",
                                                          "--out", str(out)], 600)
     assert submit.returncode == 0, log[-3000:]
-    assert status_of(address, sub_id) == "SUCCEEDED"
+    assert status_of(address, sub_id, ray_head[1]) == "SUCCEEDED"
     table = pq.read_table(out / "scores.parquet")
     assert table.num_rows == 1438 and {"sample_id", "label", "el2n", "forgetting"} <= set(table.column_names)
     assert not (out / "_partial").exists()
+
+
+def test_submission_without_the_token_is_refused(ray_head, tmp_path):
+    """The head runs with token authentication: ``ray job submit`` without the token (no
+    RAY_AUTH_MODE, nothing in ~/.ray) is refused and nothing runs."""
+    address, env = ray_head
+    env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    env.update(RAY_ADDRESS=address, HOME=str(tmp_path))
+    marker = tmp_path / "ran"
+    sub = subprocess.run([str(RAY), "job", "submit", "--no-wait", "--", "touch", str(marker)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert sub.returncode != 0
+    assert "401" in sub.stdout + sub.stderr or "uthentication" in sub.stdout + sub.stderr, sub.stderr[-2000:]
+    time.sleep(2)
+    assert not marker.exists()
 
 
 def test_failed_job_reports_failure(ray_head, tmp_path):
@@ -150,7 +176,7 @@ def test_failed_job_reports_failure(ray_head, tmp_path):
                     sys.executable, "-m", "jobs.select", "--scores", str(tmp_path / "missing.parquet"), "--selector",
                     "random", "--fraction", "0.5", "--out", str(tmp_path / "m.parquet")],
                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert status_of(address, sub_id) == "FAILED"
+    assert status_of(address, sub_id, ray_head[1]) == "FAILED"
     logs = subprocess.run([str(RAY), "job", "logs", sub_id], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=60).stdout
     assert "jobs.select: error:" in logs and "Traceback" not in logs, logs[-2000:]

@@ -5,8 +5,10 @@
 
 Winnow's rules: the Ray image is pinned to the installed Ray's version (driver and cluster
 must match); the head is a CPU node; at least one GPU worker type scales from 0; the
-dashboard binds to the head's loopback (reached with ``ray dashboard``, never public); the
-setup installs this package without moving Ray.
+dashboard binds to the head's loopback (reached with ``ray dashboard``, never public); token
+authentication is on for every node (``RAY_AUTH_MODE=token`` in the containers' environment and
+the token file mounted at ``~/.ray/auth_token``); the setup installs this package without moving
+Ray.
 """
 from __future__ import annotations
 
@@ -67,6 +69,13 @@ def winnow_problems(config: dict) -> List[str]:
     if "--dashboard-host=127.0.0.1" not in start.replace("--dashboard-host 127.0.0.1", "--dashboard-host=127.0.0.1"):
         problems.append("head_start_ray_commands: start the dashboard on loopback (--dashboard-host=127.0.0.1); "
                         "reach it with `ray dashboard cluster.yaml`")
+    run_options = " ".join(str(o) for o in docker.get("run_options") or [])
+    if not re.search(r"(--env|-e)[ =]RAY_AUTH_MODE=token\b", run_options):
+        problems.append("docker.run_options: turn token authentication on for every node (--env RAY_AUTH_MODE=token)")
+    mounts = config.get("file_mounts") or {}
+    if not any(str(k).rstrip("/").endswith("/.ray/auth_token") for k in mounts):
+        problems.append("file_mounts: copy the cluster's token to every node "
+                        "(/home/ray/.ray/auth_token: ~/.ray/auth_token, made by `ray get-auth-token --generate`)")
     setup = " ".join(config.get("setup_commands") or []) + " ".join(config.get("head_setup_commands") or [])
     if "pip install" not in setup or "winnow" not in setup:
         problems.append("setup_commands: install this package (pip install -e <mounted checkout>)")

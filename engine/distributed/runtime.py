@@ -1,18 +1,98 @@
-"""Connecting to Ray: a cluster when ``RAY_ADDRESS`` is set, else a private local instance."""
+"""Connecting to Ray: a cluster when ``RAY_ADDRESS`` is set, else a private local instance.
+
+The private instance is private: every Ray process of it binds to loopback (Ray's
+single-machine mode, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which also keeps other nodes from
+joining) and runs with token authentication (``RAY_AUTH_MODE=token``), the token in a file only
+this user can read (``~/.cache/winnow/ray/auth_token``, unless ``RAY_AUTH_TOKEN`` or
+``RAY_AUTH_TOKEN_PATH`` names one). A process without the token cannot run anything in it."""
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import stat
 import tempfile
 from typing import Iterator, Optional
 
 import ray
+
+# Set on every process of the job's own Ray (the driver and, inherited, Ray's daemons and workers).
+PRIVATE_RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_TOKEN_PATH")
 
 
 def _local_temp_dir() -> str:
     """Our own temp dir (never Ray's shared /tmp/ray): on a shared machine we must be able to
     stop exactly what we started. Short path: Ray's socket names must fit in 107 bytes."""
     return os.environ.get("WINNOW_RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), f"winnow-ray-{os.getuid()}")
+
+
+def _refuse(path: str, st: os.stat_result, why: str):
+    from engine.errors import ConfigError
+
+    return ConfigError(f"{path} {why} (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); the job's own Ray "
+                       f"keeps its token there: remove it and rerun")
+
+
+def _token_dir() -> str:
+    # Not Ray's temp dir: Ray makes that world-writable (chmod 0777) on every start.
+    return os.path.join(os.path.expanduser("~"), ".cache", "winnow", "ray")
+
+
+def private_token_path(token_dir: Optional[str] = None) -> str:
+    """The token file of the job's own Ray, ``auth_token`` in ``~/.cache/winnow/ray``: created
+    once with a random 256-bit token, mode 0600, in a directory this user owns that no one else
+    can write. A directory or file someone else could have planted or read is refused, never used."""
+    token_dir = token_dir or _token_dir()
+    os.makedirs(token_dir, mode=0o700, exist_ok=True)
+    st = os.lstat(token_dir)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise _refuse(token_dir, st, "is not a directory that only this user can write")
+    path = os.path.join(token_dir, "auth_token")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077 or st.st_size == 0:
+        raise _refuse(path, st, "is not a non-empty file that only this user can read")
+    return path
+
+
+def _reload_ray_settings() -> None:
+    """Make this process see the environment's auth mode and single-machine switch. Ray reads
+    them once (``RAY_AUTH_MODE`` into its C++ config, the cluster switch into a module constant)
+    when first imported, which may be before a job sets them."""
+    from ray._private import ray_constants
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR,
+                                                              not ray_constants.IS_WINDOWS_OR_OSX)
+    reset_auth_token_state()
+
+
+@contextlib.contextmanager
+def private_ray_env(token_dir: Optional[str] = None) -> Iterator[dict]:
+    """The environment of the job's own Ray, set for the block and restored after it: token
+    authentication, loopback only. Yields the variables it set (the token's path included)."""
+    env = dict(PRIVATE_RAY_ENV)
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        env["RAY_AUTH_TOKEN_PATH"] = private_token_path(token_dir)
+    saved = {k: os.environ.get(k) for k in _AUTH_ENV}
+    os.environ.update(env)
+    _reload_ray_settings()
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _reload_ray_settings()
 
 
 def _free_port() -> int:
@@ -27,11 +107,12 @@ def _free_port() -> int:
 def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
                 dashboard: bool = True, log_to_driver: bool = True) -> Iterator[None]:
     """Use the running Ray (tests share one per session), connect to ``RAY_ADDRESS``, or start
-    a local instance; shut down only what this call started.
+    a private local instance (loopback only, token authentication: see the module's doc); shut
+    down only what this call started.
 
     The local dashboard listens on 127.0.0.1 only, on ``$WINNOW_DASHBOARD_PORT`` or a free
-    port (printed by Ray). Ray Train's placement-group cleaner needs the state API that the
-    dashboard serves; without it, it logs a warning every second."""
+    port (printed by Ray); it asks for the token. Ray Train's placement-group cleaner needs the
+    state API that the dashboard serves; without it, it logs a warning every second."""
     if ray.is_initialized():
         yield
         return
@@ -40,16 +121,23 @@ def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     kwargs = dict(include_dashboard=dashboard, log_to_driver=log_to_driver, configure_logging=True,
                   logging_level="WARNING")
-    if not os.environ.get("RAY_ADDRESS"):
-        kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=_local_temp_dir())
-        if dashboard:
-            port = int(os.environ.get("WINNOW_DASHBOARD_PORT") or _free_port())
-            kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
-    ray.init(**kwargs)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=_local_temp_dir())
+    if dashboard:
+        port = int(os.environ.get("WINNOW_DASHBOARD_PORT") or _free_port())
+        kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
+    with private_ray_env():
+        ray.init(**kwargs)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def _dashboard_available() -> bool:
