@@ -36,6 +36,12 @@ class RunFailedError(WinnowError, RuntimeError):
     exit_code = 1
 
 
+class ResourcesUnavailableError(WinnowError, RuntimeError):
+    """A cluster did not provide the nodes a job needs within the configured wait. Exit 1."""
+
+    exit_code = 1
+
+
 def user_error(exc: BaseException) -> Optional[WinnowError]:
     """The WinnowError behind ``exc`` (unwrapping Ray's task/actor error wrappers), if any."""
     seen = set()

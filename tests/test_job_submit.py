@@ -168,6 +168,28 @@ def test_submission_without_the_token_is_refused(ray_head, tmp_path):
     assert not marker.exists()
 
 
+def test_job_waiting_for_gpus_says_so_and_gives_up(ray_head, tmp_path):
+    """On a cluster (the head has no GPU and no autoscaler), ``jobs.train --gpus 1`` announces
+    what it waits for and gives up after WINNOW_RESOURCE_WAIT_S with one line, instead of
+    waiting forever; the setting travels in the submission's runtime env."""
+    address, env = ray_head
+    env = {**env, "RAY_ADDRESS": address}
+    sub_id = f"winnow-wait-{os.getpid()}"
+    t0 = time.time()
+    subprocess.run([str(RAY), "job", "submit", "--working-dir", ".", "--submission-id", sub_id,
+                    "--runtime-env-json", json.dumps({"env_vars": {"WINNOW_RESOURCE_WAIT_S": "4"}}), "--",
+                    sys.executable, "-m", "jobs.train", "--data", "digits", "--epochs", "1", "--gpus", "1",
+                    "--out", str(tmp_path / "t")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert time.time() - t0 < 120
+    assert status_of(address, sub_id, ray_head[1]) == "FAILED"
+    logs = subprocess.run([str(RAY), "job", "logs", sub_id], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60).stdout
+    assert "waiting for 1 x 2 CPU, 1 GPU (--workers 1 with --gpus 1" in logs, logs[-2000:]
+    assert "giving up after 4 s (WINNOW_RESOURCE_WAIT_S)" in logs
+    assert "jobs.train: error: --workers 1 with --gpus 1" in logs and "did not provide 1 x" in logs
+    assert "Traceback" not in logs and not (tmp_path / "t" / "metrics.json").exists()
+
+
 def test_failed_job_reports_failure(ray_head, tmp_path):
     address, env = ray_head
     env = {**env, "RAY_ADDRESS": address}

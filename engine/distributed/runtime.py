@@ -12,7 +12,8 @@ import os
 import secrets
 import stat
 import tempfile
-from typing import Iterator, Optional
+import time
+from typing import Dict, Iterator, List, Optional
 
 import ray
 
@@ -150,23 +151,103 @@ def _dashboard_available() -> bool:
     return True
 
 
-def require_resources(what: str, per_unit: dict, units: int = 1) -> None:
-    """On a local Ray (no ``RAY_ADDRESS``: the job's own instance, or a test session's), refuse at
-    once what the machine can never give: ``units`` actors or workers needing ``per_unit``
-    resources each (``{"GPU": 1, "CPU": 2}``) beyond the instance's totals. Ray would otherwise
-    queue the request forever. On a cluster (``RAY_ADDRESS`` set) the autoscaler may add nodes,
-    so nothing is refused here. ``what`` names the flags, e.g. "--gpus 1 per worker"."""
+RESOURCE_WAIT_ENV = "WINNOW_RESOURCE_WAIT_S"
+DEFAULT_RESOURCE_WAIT_S = 900.0  # a GPU node from zero: instance start, image pull, setup (a few minutes)
+
+
+def resource_wait_s() -> float:
+    """How long a job on a cluster waits for the nodes it needs: ``$WINNOW_RESOURCE_WAIT_S``
+    seconds, 900 by default."""
     from engine.errors import ConfigError
 
-    if os.environ.get("RAY_ADDRESS"):
+    text = os.environ.get(RESOURCE_WAIT_ENV, "").strip()
+    if not text:
+        return DEFAULT_RESOURCE_WAIT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{RESOURCE_WAIT_ENV}={text!r}: expected a number of seconds >= 0")
+    return value
+
+
+def units_that_fit(nodes: List[Dict[str, float]], per_unit: Dict[str, float]) -> int:
+    """How many bundles of ``per_unit`` the nodes (each a dict of its total resources) hold
+    at once, a bundle never split across nodes (as a Ray Train worker or an actor needs)."""
+    need = {r: float(a) for r, a in per_unit.items() if a and float(a) > 0}
+    if not need:
+        return 1 << 30
+    return sum(min(int(float(node.get(r, 0)) // a + 1e-9) for r, a in need.items()) for node in nodes)
+
+
+def _alive_node_resources() -> List[Dict[str, float]]:
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def _request_from_autoscaler(bundles: List[Dict[str, float]]) -> None:
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
+
+
+def _fmt(res: Dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(res.items()) if v) or "nothing"
+
+
+def require_resources(what: str, per_unit: dict, units: int = 1, *, nodes=_alive_node_resources,
+                      request=_request_from_autoscaler, clock=time.monotonic, sleep=time.sleep, say=None,
+                      poll_s: float = 5.0, say_every_s: float = 60.0) -> None:
+    """Make sure ``units`` workers or actors needing ``per_unit`` resources each (``{"GPU": 1,
+    "CPU": 2}``) can be placed before the job asks Ray for them; ``what`` names the flags behind
+    the request, e.g. "--gpus 1 per worker". Ray itself would queue an impossible request forever.
+
+    On a local Ray (no ``RAY_ADDRESS``: the job's own instance, or a test session's) what the
+    machine does not have is refused at once (``ConfigError``, exit 2). On a cluster
+    (``RAY_ADDRESS`` set), where the autoscaler may add nodes (GPU workers scale from zero), the
+    job asks the autoscaler for them, says what it waits for (and again every ``say_every_s``),
+    and gives up after ``$WINNOW_RESOURCE_WAIT_S`` seconds (900 by default) with one line
+    (``ResourcesUnavailableError``, exit 1); the request to the autoscaler is withdrawn either way."""
+    from engine.errors import ConfigError, ResourcesUnavailableError
+
+    say = say or (lambda line: print(line, flush=True))
+    need = {r: float(a) for r, a in per_unit.items() if a and float(a) > 0}
+    have_nodes = nodes()
+    if units_that_fit(have_nodes, need) >= units:
         return
-    have = ray.cluster_resources()
-    for res, amount in per_unit.items():
-        need = float(amount or 0) * units
-        if need > 0 and need > float(have.get(res, 0)) + 1e-9:
-            raise ConfigError(f"{what} needs {need:g} {res}(s) in all; this machine's Ray has "
-                              f"{float(have.get(res, 0)):g} (on a cluster that adds nodes, set RAY_ADDRESS or use "
-                              f"ray job submit)")
+    totals: Dict[str, float] = {}
+    for node in have_nodes:
+        for r, a in node.items():
+            totals[r] = totals.get(r, 0.0) + float(a)
+    if not os.environ.get("RAY_ADDRESS"):
+        for res, amount in need.items():
+            if amount * units > totals.get(res, 0.0) + 1e-9 or not units_that_fit(have_nodes, {res: amount}) >= units:
+                raise ConfigError(f"{what} needs {amount * units:g} {res}(s) in all; this machine's Ray has "
+                                  f"{totals.get(res, 0.0):g} (on a cluster that adds nodes, set RAY_ADDRESS or use "
+                                  f"ray job submit)")
+        raise ConfigError(f"{what} needs {units} x {_fmt(need)}, which this machine's Ray ({_fmt(totals)}) cannot "
+                          f"place at once")
+    wait = resource_wait_s()
+    start = last_said = clock()
+    request([dict(need) for _ in range(units)])
+    try:
+        say(f"waiting for {units} x {_fmt(need)} ({what}): the cluster has {_fmt({r: totals.get(r, 0.0) for r in need})} "
+            f"now; asked its autoscaler for them; giving up after {wait:g} s ({RESOURCE_WAIT_ENV})")
+        while True:
+            elapsed = clock() - start
+            if units_that_fit(nodes(), need) >= units:
+                say(f"the cluster has them after {elapsed:.0f} s")
+                return
+            if elapsed >= wait:
+                raise ResourcesUnavailableError(
+                    f"{what}: the cluster did not provide {units} x {_fmt(need)} within {wait:g} s; check its "
+                    f"node types and autoscaler (ray status), or wait longer with {RESOURCE_WAIT_ENV}=SECONDS")
+            if clock() - last_said >= say_every_s:
+                last_said = clock()
+                say(f"still waiting for {units} x {_fmt(need)} ({elapsed:.0f} s of {wait:g} s)")
+            sleep(min(poll_s, max(wait - elapsed, 0.0)) or poll_s)
+    finally:
+        request([])
 
 
 def cluster_cpus() -> int:
