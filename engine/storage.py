@@ -23,7 +23,7 @@ from typing import Iterator
 from engine.errors import ConfigError
 
 URI = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
-SKIP = {"_partial"}
+SKIP = {"_partial", ".winnow-lock"}  # work in progress; engine.runlock's lock file
 SUCCESS = "_SUCCESS"
 
 

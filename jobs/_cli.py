@@ -2,7 +2,8 @@
 
 A user error (``WinnowError``, also when raised inside a Ray task or actor) ends with one
 line ``<job>: error: <message>`` on stderr and exit status 2 (1 for a ``RunFailedError``: the
-cluster, not the input, failed); an interrupt ends with 130.
+cluster, not the input, failed); SIGINT or SIGTERM ends with one "interrupted; rerun the same
+command to resume" line and exit status 130 or 143.
 Either way no output file is left behind: artifacts are written atomically, and a run
 directory this invocation created is removed again when the job fails.
 """
@@ -11,24 +12,71 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 from engine.config import OptimConfig
 from engine.errors import ConfigError, user_error
+from engine.runlock import LOCK_NAME
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: unwinds the job like Ctrl-C (every ``finally`` runs: Ray shut down,
+    ``_partial`` kept, no half-written artifact), then exits 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_received: list = []  # the signal that stopped the job, if one did
+
+
+@contextlib.contextmanager
+def _stop_cleanly_on_signals(job: str) -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``Interrupted`` in the main thread once; a second signal while
+    the job is already stopping is reported and otherwise ignored, so the clean-up finishes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = []
+
+    def handler(signum, frame):
+        if stopping:
+            print(f"{job}: already stopping (cleaning up); SIGKILL to stop at once", file=sys.stderr, flush=True)
+            return
+        stopping.append(signum)
+        _received[:] = [signum]  # Ray's C++ waits may turn the exception into a plain KeyboardInterrupt
+        raise Interrupted(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _received.clear()
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h if h is not None else signal.SIG_DFL)
 
 
 def run(job: str, main: Callable[[Sequence[str]], None], argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``main(argv)`` and turn user errors into exit status 2 with one message."""
+    """Run ``main(argv)`` and turn user errors into exit status 2 with one message, and SIGINT /
+    SIGTERM into one line and exit status 130 / 143."""
     try:
-        main(sys.argv[1:] if argv is None else list(argv))
+        with _stop_cleanly_on_signals(job):
+            main(sys.argv[1:] if argv is None else list(argv))
         return 0
     except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, message already printed)
         return exc.code if isinstance(exc.code, int) else 2
-    except KeyboardInterrupt:
-        print(f"{job}: interrupted; no finished artifact was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else (_received[0] if _received else signal.SIGINT)
+        print(f"{job}: interrupted ({signal.Signals(signum).name}); rerun the same command to resume (no finished "
+              f"artifact was written)", file=sys.stderr, flush=True)
+        return 128 + int(signum)
     except Exception as exc:  # any error: re-raised unless it is a user error
         err = user_error(exc)
         if err is None:
@@ -47,23 +95,25 @@ def output_dir(path: str | Path, keep: Sequence[str] = ()) -> Iterator[Path]:
     before, remove it again (an existing one keeps what earlier runs left), except for the
     subdirectories named in ``keep`` (work that a rerun resumes from, e.g. ``_partial``)."""
     path = Path(path)
-    existed = path.exists()
-    if existed and not path.is_dir():
+    if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {str(path)!r} exists and is not a directory")
+    # a directory holding only this run's lock (engine.runlock) is as new as a missing one
+    existed = path.exists() and any(child.name != LOCK_NAME for child in path.iterdir())
     path.mkdir(parents=True, exist_ok=True)
     try:
         yield path
     except BaseException:
         if not existed:
             kept = [k for k in keep if (path / k).is_dir() and any((path / k).iterdir())]
+            for child in path.iterdir():
+                if child.name not in kept and child.name != LOCK_NAME:
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
             if kept:
-                for child in path.iterdir():
-                    if child.name not in kept:
-                        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
                 print(f"partial work kept in {', '.join(str(path / k) for k in kept)}; rerun the same command "
                       f"to resume", file=sys.stderr)
             else:
-                shutil.rmtree(path, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    path.rmdir()  # unless the lock is still in it: run_lock removes both when it lets go
         raise
 
 

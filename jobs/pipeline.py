@@ -120,11 +120,12 @@ def format_table(rows: list) -> str:
 def main(argv: Sequence[str]) -> None:
     t0 = time.time()
     from engine.distributed.runtime import ray_session
+    from engine.runlock import run_lock
     from engine.storage import staged_output
     from jobs.score import check_inputs
 
     target = build_parser().parse_args(argv).out
-    with staged_output(target) as local:
+    with staged_output(target) as local, run_lock(local, "jobs.pipeline"):
         score_cfg, selectors, fractions, train_cfg, out = plan([*argv, "--out", local])
         check_inputs(score_cfg)
         with ray_session():

@@ -482,9 +482,10 @@ def main(argv: Sequence[str]) -> None:
     a = build_parser().parse_args(argv)
     spec = load_spec(a.config, a.smoke_test, parse_overrides(a.set))
     from engine.distributed.runtime import ray_session
+    from engine.runlock import run_lock
     from engine.storage import staged_output
 
-    with staged_output(a.out or f"runs/sweeps/{spec['name']}") as local:
+    with staged_output(a.out or f"runs/sweeps/{spec['name']}") as local, run_lock(local, "jobs.sweep"):
         out = Path(local)
         planned = plan(spec, out)  # a bad YAML fails here, before Ray starts
         with ray_session():

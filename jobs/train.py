@@ -163,10 +163,11 @@ def main(argv: Sequence[str]) -> None:
     from dataclasses import replace
 
     from engine.distributed.runtime import ray_session
+    from engine.runlock import run_lock
     from engine.storage import staged_output
 
     fresh = build_parser().parse_args(argv).fresh
-    with staged_output(cfg.out) as local, ray_session():
+    with staged_output(cfg.out) as local, run_lock(local, "jobs.train"), ray_session():
         if fresh:
             start_fresh(Path(local), cfg.checkpoint_storage)
         run_train(replace(cfg, out=local), subset)

@@ -123,7 +123,7 @@ def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
     kwargs = dict(include_dashboard=dashboard, log_to_driver=log_to_driver, configure_logging=True,
                   logging_level="WARNING")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(**kwargs)
+        _init_keeping_signal_handlers(**kwargs)
         try:
             yield
         finally:
@@ -134,11 +134,24 @@ def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
         port = int(os.environ.get("WINNOW_DASHBOARD_PORT") or _free_port())
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
     with private_ray_env():
-        ray.init(**kwargs)
+        _init_keeping_signal_handlers(**kwargs)
         try:
             yield
         finally:
             ray.shutdown()
+
+
+def _init_keeping_signal_handlers(**kwargs) -> None:
+    """``ray.init``, leaving the job's SIGTERM handler in place: ``ray.init`` replaces it with
+    ``sys.exit(15)``, which skips the job's clean stop (jobs._cli: one line, exit 143)."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    ray.init(**kwargs)
+    if main and previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _dashboard_available() -> bool:

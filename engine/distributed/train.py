@@ -425,6 +425,10 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
     require_resources(f"--workers {cfg.workers} with --gpus {cfg.gpus:g} and {cpus:g} CPU(s) per worker",
                       {"GPU": cfg.gpus, "CPU": cpus}, cfg.workers)
     check_checkpoints(_storage_path(cfg, work), name)
+    # Ray Train's fit() replaces the process's SIGINT handler with its own "graceful abort",
+    # which ends in sys.exit and exit status 1 with no word. Keep the job's own (jobs._cli: one
+    # "interrupted" line, exit 130, checkpoints kept; shutting Ray down stops the workers).
+    trainer._register_sigint_handler = lambda controller: None
     t0 = time.time()
     try:
         result = trainer.fit()

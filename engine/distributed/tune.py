@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Callable, List, Optional, Sequence
 
@@ -93,6 +94,10 @@ def run_tuner(trainable: Callable[..., None], trials: Sequence[dict], *, storage
         run_config=tune.RunConfig(storage_path=storage, name=name, verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=1), callbacks=callbacks),
     )
+    # Tune's own SIGINT handler ends the run "gracefully" and returns a partial ResultGrid that
+    # the sweep would report as finished; the job's handler (jobs._cli) stops it with one
+    # "interrupted" line and exit 130 instead; a rerun runs the trials without a result.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     return tuner.fit()
 
 
