@@ -48,7 +48,10 @@ def user_error(exc: BaseException) -> Optional[WinnowError]:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, WinnowError):
-            return exc
+            # Ray re-raises a task's error as a class deriving from both RayTaskError and the
+            # error's own class, whose message is the remote traceback: prefer the original
+            cause = getattr(exc, "cause", None)
+            return cause if isinstance(cause, WinnowError) and cause is not exc else exc
         for inner in (getattr(exc, "worker_failures", None) or {}).values():  # Ray Train's WorkerGroupError
             err = user_error(inner)
             if err is not None:

@@ -197,17 +197,6 @@ def test_corrupt_png_in_parquet_is_named(tmp_path):
         load_source(f"parquet:{tmp_path / 'x.parquet'}").arrays("train")
 
 
-def test_imagefolder_mixed_shapes(tmp_path):
-    from PIL import Image
-
-    root = image_folder(tmp_path / "f", n_per_class=2, classes=("a", "b"))
-    Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(root / "b" / "odd.png")
-    src = load_source(f"imagefolder:{root}")
-    with pytest.raises(DataError, match="odd.png has shape"):
-        for split in ("train", "test"):
-            src.arrays(split)
-
-
 def test_validate_rows_and_subset():
     with pytest.raises(DataError, match="duplicate sample_id 3"):
         validate_rows(np.array([1, 3, 3]), np.array([0, 0, 1]), 2, "t")

@@ -1,4 +1,4 @@
-"""File-based sources: ``parquet:PATH`` (local or s3://) and ``imagefolder:PATH``.
+"""File-based sources: ``parquet:PATH`` and ``imagefolder:PATH``, local or any URI pyarrow opens.
 
 Splits: when PATH holds both ``train`` and ``test`` (sub-folders, or ``train*.parquet`` /
 ``test*.parquet`` files) they are used as is; otherwise everything is the training pool and
@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -24,7 +25,6 @@ from engine.data.sources import DATASETS, GENERIC_MEAN, GENERIC_STD
 from engine.errors import ConfigError, DataError
 
 SHAPE_KEY = b"winnow_image_shape"
-IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp"}
 
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
@@ -268,87 +268,191 @@ class ParquetSource(Source):
 
 # ---------------------------------------------------------------- imagefolder
 
+# torchvision.datasets.folder.IMG_EXTENSIONS, matched case-insensitively as ImageFolder does
+FOLDER_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+TEST_DIRS = ("val", "test")  # ILSVRC names its held-out split val/
+SMALL_IMAGE = 64  # at most this many pixels a side: no 0.875 crop margin (CIFAR-style data)
+
+
+def eval_geometry(size: int) -> tuple:
+    """(resize, crop) of the evaluation transform for output side ``size``: torchvision's
+    ImageNet reference (shorter side to size/0.875, center crop size) above 64 px; shorter side
+    to size and center crop for small images."""
+    return (size if size <= SMALL_IMAGE else int(size / 0.875)), size
+
+
+def resize_center_crop(im, resize: int, crop: int) -> np.ndarray:
+    """A PIL image -> uint8 [crop, crop, C], as torchvision's ``Resize(resize)`` (shorter side
+    to ``resize``, the other ``int(resize * long / short)``, bilinear) then ``CenterCrop(crop)``."""
+    from PIL import Image
+
+    w, h = im.size
+    short, long = (w, h) if w <= h else (h, w)
+    if short != resize:
+        new_long = int(resize * long / short)
+        im = im.resize((resize, new_long) if w <= h else (new_long, resize), Image.BILINEAR)
+    w, h = im.size
+    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    im = im.crop((left, top, left + crop, top + crop))
+    return np.asarray(im, dtype=np.uint8)
+
+
+def decode_rgb(data: bytes, where: str):
+    """Encoded bytes (by content, whatever the file's name says) -> an RGB PIL image, as
+    torchvision's loader makes it (grayscale, CMYK, palette and RGBA converted). A truncated
+    file, a decompression bomb or anything PIL cannot read is a DataError naming ``where``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.convert("RGB") if im.mode != "RGB" else im.copy()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode image {where}: {exc}") from None
+
+
+@lru_cache(maxsize=16)
+def _cached_fs(uri: str):
+    return _filesystem(uri)
+
 
 @dataclass(frozen=True)
 class FilesPartition(Partition):
-    """A list of (absolute path, relative path, label) image files."""
+    """Image files ``(relative path, label)`` under ``uri``, decoded, made RGB and brought to
+    ``size`` x ``size`` by the evaluation transform."""
 
+    uri: str
     files: tuple
-    shape: tuple
+    size: int
+    split: str
 
     @property
     def num_rows(self) -> int:  # type: ignore[override]
         return len(self.files)
 
     def read(self) -> Iterator[dict]:
-        images = np.empty((len(self.files), *self.shape), np.uint8)
-        for i, (path, rel, _) in enumerate(self.files):
-            with open(path, "rb") as fh:
-                im = decode_image(fh.read(), rel)
-            if im.shape != tuple(self.shape):
-                raise DataError(f"imagefolder: {rel} has shape {im.shape}, the first image {tuple(self.shape)}")
-            images[i] = im
-        yield {"sample_id": np.array([stable_id(rel) for _, rel, _ in self.files], dtype=np.int64),
-               "image": images, "label": np.array([lab for _, _, lab in self.files], dtype=np.int64)}
+        fs, root = _cached_fs(self.uri)
+        resize, crop = eval_geometry(self.size)
+        images = np.empty((len(self.files), crop, crop, 3), np.uint8)
+        for i, (rel, _) in enumerate(self.files):
+            try:
+                with fs.open_input_file(f"{root.rstrip('/')}/{rel}") as fh:
+                    data = fh.read()
+            except OSError as exc:
+                raise DataError(f"imagefolder: cannot read {rel}: {exc}") from None
+            try:
+                images[i] = resize_center_crop(decode_rgb(data, rel), resize, crop)
+            except DataError as exc:
+                raise DataError(f"imagefolder: {exc} ({i} image(s) of this {len(self.files)}-file part of the "
+                                f"{self.split} split read before it)") from None
+        yield {"sample_id": np.array([stable_id(rel) for rel, _ in self.files], dtype=np.int64),
+               "image": images, "label": np.array([lab for _, lab in self.files], dtype=np.int64)}
 
 
 class ImageFolderSource(Source):
-    """``imagefolder:PATH``: PATH/<class>/<image> (or PATH/train/<class> + PATH/test/<class>);
-    classes sorted by name -> labels 0..K-1."""
+    """``imagefolder:PATH_OR_URI`` (a local path, ``file://``, ``s3://``, ``gs://``: any
+    filesystem pyarrow knows): one folder per class, ``PATH/<class>/**/<image>``, or the ILSVRC
+    layout ``PATH/train/<class>/...`` beside ``PATH/val/<class>/...`` (or ``test/``). Classes are
+    the training folders' names, sorted, labelled 0..K-1 as torchvision's ``ImageFolder`` does;
+    a test folder's classes must be among them. Sample ids: 63 bits of blake2b of the path
+    relative to PATH (stable under re-listing; a collision is refused). Images of any size and
+    mode: decoded by content (a PNG named .JPEG decodes), made RGB, then shorter side resized and
+    center-cropped to ``size`` (option ``size=S``; default: the first training image's shorter
+    side, at most 224); see ``eval_geometry``."""
 
-    def __init__(self, arg: Optional[str]):
+    OPTIONS = {"size": int}
+
+    def __init__(self, arg: Optional[str], size: Optional[int] = None):
         if not arg:
             raise ConfigError("imagefolder source needs a path: imagefolder:PATH")
-        root = Path(arg)
-        if not root.is_dir():
+        if size is not None and not 1 <= size <= 4096:
+            raise ConfigError(f"imagefolder: size={size} must be between 1 and 4096")
+        self.spec = f"imagefolder,size={size}:{arg}" if size else f"imagefolder:{arg}"
+        self.uri = arg
+        self.fs, self.root = _filesystem(arg)
+        self.root = self.root.rstrip("/") or "/"
+        info = self.fs.get_file_info(self.root)
+        if info.type != pafs.FileType.Directory:
             raise DataError(f"imagefolder: {arg!r} is not a directory")
-        self.spec, self.root = f"imagefolder:{arg}", root
-        split_dirs = (root / "train").is_dir() and (root / "test").is_dir()
-        top = root / "train" if split_dirs else root
-        self.classes = sorted(d.name for d in top.iterdir() if d.is_dir())
+        listing = [f for f in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True))]
+        rels = {}
+        for f in listing:
+            rel = f.path[len(self.root):].lstrip("/")
+            rels[rel] = f
+        top_dirs = {r for r, f in rels.items() if "/" not in r and f.type == pafs.FileType.Directory}
+        test_dir = next((d for d in TEST_DIRS if d in top_dirs), None)
+        prefix = {"train": "train/", "test": f"{test_dir}/"} if "train" in top_dirs and test_dir else None
+        train_prefix = prefix["train"] if prefix else ""
+        self.classes = sorted(r[len(train_prefix):] for r, f in rels.items() if f.type == pafs.FileType.Directory
+                              and r.startswith(train_prefix) and "/" not in r[len(train_prefix):])
         if not self.classes:
-            raise DataError(f"imagefolder: no class folders in {str(top)!r}")
-        if split_dirs:
-            self.lists = {s: self._scan(root / s) for s in ("train", "test")}
+            raise DataError(f"imagefolder: no class folders in {arg!r}{' train/' if prefix else ''}")
+        index = {c: i for i, c in enumerate(self.classes)}
+        self._stats = {}
+
+        def scan(pre: str, where: str) -> list:
+            found, per_class = [], {}
+            for rel, f in sorted(rels.items()):
+                if f.type != pafs.FileType.File or not rel.startswith(pre) or not rel.lower().endswith(FOLDER_EXT):
+                    continue
+                cls, sep, _ = rel[len(pre):].partition("/")
+                if not sep:
+                    continue  # a file beside the class folders, as ImageFolder ignores it
+                if cls not in index:
+                    raise DataError(f"imagefolder: {where} class folder {cls!r} is not among the training classes")
+                found.append((rel, index[cls]))
+                per_class[cls] = per_class.get(cls, 0) + 1
+                self._stats[rel] = (f.size, f.mtime_ns)
+            return found, per_class
+
+        if prefix:
+            self.lists = {}
+            for split in ("train", "test"):
+                self.lists[split], per_class = scan(prefix[split], prefix[split].rstrip("/"))
+                if split == "train":
+                    empty = [c for c in self.classes if not per_class.get(c)]
+                    if empty:
+                        raise DataError(f"imagefolder: class folder {prefix['train']}{empty[0]} has no images "
+                                        f"({', '.join(FOLDER_EXT)})")
         else:
-            every = self._scan(root)
-            test = in_holdout(np.array([stable_id(rel) for _, rel, _ in every], dtype=np.int64))
-            self.lists = {"train": [f for f, t in zip(every, test) if not t], "test": [f for f, t in zip(every, test) if t]}
-        if not self.lists["train"]:
-            raise DataError(f"imagefolder: no images (png/jpg/jpeg/bmp) under {arg!r}")
-        first = self.lists["train"][0]
-        with open(first[0], "rb") as fh:
-            self.shape = decode_image(fh.read(), first[1]).shape
+            every, per_class = scan("", "")
+            empty = [c for c in self.classes if not per_class.get(c)]
+            if empty:
+                raise DataError(f"imagefolder: class folder {empty[0]!r} has no images ({', '.join(FOLDER_EXT)})")
+            test = in_holdout(np.array([stable_id(rel) for rel, _ in every], dtype=np.int64))
+            self.lists = {"train": [f for f, t in zip(every, test) if not t],
+                          "test": [f for f, t in zip(every, test) if t]}
+        seen: dict = {}
+        for split in ("train", "test"):
+            for rel, _ in self.lists[split]:
+                other = seen.setdefault(stable_id(rel), rel)
+                if other != rel:
+                    raise DataError(f"imagefolder: {other} and {rel} hash to the same sample_id; rename one")
+        self._size = size
+
+    @property
+    def size(self) -> int:
+        if self._size is None:
+            rel = self.lists["train"][0][0]
+            with self.fs.open_input_file(f"{self.root.rstrip('/')}/{rel}") as fh:
+                w, h = decode_rgb(fh.read(), rel).size
+            self._size = min(224, w, h)
+        return self._size
 
     def content_key(self) -> str:
-        def stats():
-            for path, rel, label in self.lists["train"]:
-                st = os.stat(path)
-                yield f"{rel}:{label}", st.st_size, st.st_mtime_ns
-        return files_key(self.spec, stats())
-
-    def _scan(self, top: Path) -> list:
-        files = []
-        for label, name in enumerate(self.classes):
-            d = top / name
-            if not d.is_dir():
-                raise DataError(f"imagefolder: class folder {str(d)!r} is missing")
-            for p in sorted(d.rglob("*")):
-                if p.suffix.lower() in IMAGE_EXT and p.is_file():
-                    files.append((str(p), str(p.relative_to(self.root)), label))
-        return files
+        return files_key(self.spec, ((f"{rel}:{label}", *self._stats[rel]) for rel, label in self.lists["train"]))
 
     def info(self) -> DataInfo:
-        c = self.shape[2]
-        return DataInfo(self.spec, len(self.classes), tuple(self.shape), (GENERIC_MEAN,) * c, (GENERIC_STD,) * c,
-                        tuple(self.classes))
+        return DataInfo(self.spec, len(self.classes), (self.size, self.size, 3), (GENERIC_MEAN,) * 3,
+                        (GENERIC_STD,) * 3, tuple(self.classes))
 
     def num_rows(self, split: str) -> int:
         return len(self.lists[check_split(split)])
 
     def partitions(self, split: str, target_rows: int = 8192) -> list[Partition]:
         files = self.lists[check_split(split)]
-        return [FilesPartition(tuple(files[i:i + target_rows]), tuple(self.shape))
+        size = self.size
+        return [FilesPartition(self.uri, tuple(files[i:i + target_rows]), size, split)
                 for i in range(0, len(files), target_rows)]
 
 

@@ -34,11 +34,27 @@ GENERIC_MEAN, GENERIC_STD = 0.5, 0.25
 
 
 def load_source(spec: str) -> Source:
-    """``"name"`` or ``"name:argument"`` -> a Source (lazy: reads metadata, not images)."""
+    """``"name"``, ``"name:argument"`` or ``"name,key=value,...:argument"`` -> a Source (lazy:
+    reads metadata, not images). Options are those the source's class lists in ``OPTIONS``
+    (name -> type), e.g. ``imagefolder,size=224:/data/imagenet``; the whole spec, options
+    included, is what travels to Ray workers and into provenance."""
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError("--data: give a data source spec, e.g. fashion-mnist-mini")
-    name, _, arg = spec.strip().partition(":")
-    return DATASETS[name](arg or None)
+    head, _, arg = spec.strip().partition(":")
+    name, *pairs = head.split(",")
+    cls = DATASETS[name]
+    known = getattr(cls, "OPTIONS", {})
+    opts = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or key not in known:
+            raise ConfigError(f"--data {spec!r}: {pair!r} is not an option of {name!r} "
+                              f"({', '.join(f'{k}=...' for k in known) or 'it takes none'})")
+        try:
+            opts[key] = known[key](value)
+        except ValueError:
+            raise ConfigError(f"--data {spec!r}: option {key}={value!r} is not a {known[key].__name__}") from None
+    return cls(arg or None, **opts) if opts else cls(arg or None)
 
 
 class FashionMnistMini(InMemorySource):
