@@ -147,6 +147,37 @@ def start_fresh(out: Path, checkpoint_storage: Optional[str] = None) -> None:
     print(f"--fresh: removed {', '.join(gone)}" if gone else "--fresh: nothing to discard", flush=True)
 
 
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bad-images", choices=("fail", "skip"), default=None,
+                   help="an image file that does not decode (imagefolder): fail (the default: one line naming "
+                        "it, exit 2, nothing written) or skip (left out; listed in OUT/skipped_images.tsv, "
+                        "counted in the summary and the provenance)")
+
+
+def data_spec(args: argparse.Namespace) -> str:
+    """``--data`` with the data flags turned into the source's options (they travel with the
+    spec to every Ray worker and into provenance)."""
+    from engine.data.sources import with_options
+
+    return with_options(args.data, "--bad-images", bad=args.bad_images)
+
+
+def report_skipped(source, out: Path) -> dict:
+    """For a source that left files out (``--bad-images skip``): write ``out/skipped_images.tsv``
+    (path, reason), say how many, and return the provenance fields."""
+    skipped = list(getattr(source, "skipped", ()) or ())
+    if getattr(source, "bad", None) != "skip":
+        return {}
+    if skipped:
+        from engine.artifacts import atomic_write_bytes
+
+        lines = "".join(f"{rel}\t{' '.join(why.split())}\n" for rel, why in skipped)
+        atomic_write_bytes(Path(out) / "skipped_images.tsv", ("path\treason\n" + lines).encode())
+        print(f"skipped {len(skipped)} image file(s) that do not decode (--bad-images skip): listed in "
+              f"{Path(out) / 'skipped_images.tsv'}", flush=True)
+    return {"bad_images": "skip", "skipped_images": len(skipped)}
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that exits with status 2 and one line (no usage dump) on a bad flag."""
 

@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +33,19 @@ from engine.scores import (
     score_epochs_for,
 )
 from engine.scores.aggregate import history_scores, mean_std_over_seeds, model_key
-from jobs._cli import Parser, add_fresh_flag, add_optim_flags, entry, int_list, optim_from, output_dir, start_fresh
+from jobs._cli import (
+    Parser,
+    add_data_flags,
+    add_fresh_flag,
+    add_optim_flags,
+    data_spec,
+    entry,
+    int_list,
+    optim_from,
+    output_dir,
+    report_skipped,
+    start_fresh,
+)
 
 
 def build_parser() -> Parser:
@@ -69,12 +81,13 @@ def build_parser() -> Parser:
     p.add_argument("--out", default=d.out, help="run directory; scores.parquet is written there")
     add_optim_flags(p)
     add_fresh_flag(p)
+    add_data_flags(p)
     return p
 
 
 def config_from(argv: Sequence[str]) -> ScoreConfig:
     args = build_parser().parse_args(argv)
-    cfg = ScoreConfig(data=args.data, model=args.model, scores=tuple(parse_score_names(args.scores)),
+    cfg = ScoreConfig(data=data_spec(args), model=args.model, scores=tuple(parse_score_names(args.scores)),
                       seeds=args.seeds, epochs=args.epochs, score_epochs=args.score_epochs, actors=args.actors,
                       min_actors=args.min_actors, cpus_per_actor=args.cpus_per_actor,
                       gpus_per_actor=args.gpus_per_actor, score_batch_size=args.score_batch_size,
@@ -159,7 +172,7 @@ def run_score(cfg: ScoreConfig) -> Path:
             _check_same_ids(ids, hist_ids)
             cols = {**_history_columns(runs, hist_scores), **cols}
         path = out / "scores.parquet"
-        _write(path, cfg, ids, label, cols, runs, epochs, params)
+        _write(path, cfg, ids, label, cols, runs, epochs, params, report_skipped(source, out))
         shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {path}: {len(ids)} rows, columns {', '.join(cols)}")
     return path
@@ -232,7 +245,8 @@ def _write_embeddings(path: Path, scored: dict, cfg: ScoreConfig) -> None:
     print(f"wrote {path}: {emb.shape[0]} x {emb.shape[1]} last-layer gradient embeddings")
 
 
-def _write(path: Path, cfg: ScoreConfig, ids, label, cols: dict, runs, epochs: dict, params: dict) -> None:
+def _write(path: Path, cfg: ScoreConfig, ids, label, cols: dict, runs, epochs: dict, params: dict,
+           extra: Optional[dict] = None) -> None:
     table = pa.table({"sample_id": pa.array(ids.astype(np.int64)), "label": pa.array(label.astype(np.int64)),
                       **{k: pa.array(v.astype(np.float32)) for k, v in cols.items()}})
     meta = {"kind": "scores", "config": to_dict(cfg), "seeds": [r.seed for r in runs],
@@ -241,7 +255,7 @@ def _write(path: Path, cfg: ScoreConfig, ids, label, cols: dict, runs, epochs: d
             "score_precision": {s: ("bf16" if runs_in_bf16(s, cfg.precision) else "float32")
                                 for s in cfg.scores if s in SCORERS},
             "proxy_train_loss": {r.seed: r.train_loss for r in runs},
-            "model": cfg.model, "data": cfg.data, "environment": artifacts.environment()}
+            "model": cfg.model, "data": cfg.data, "environment": artifacts.environment(), **(extra or {})}
     artifacts.write_table(path, table, meta)
 
 

@@ -26,7 +26,19 @@ from engine.config import TrainConfig, to_dict
 from engine.data import load_source
 from engine.errors import DataError
 from engine.models import check_model_name
-from jobs._cli import Parser, add_fresh_flag, add_optim_flags, entry, float_list, optim_from, output_dir, start_fresh
+from jobs._cli import (
+    Parser,
+    add_data_flags,
+    add_fresh_flag,
+    add_optim_flags,
+    data_spec,
+    entry,
+    float_list,
+    optim_from,
+    output_dir,
+    report_skipped,
+    start_fresh,
+)
 
 
 def build_parser() -> Parser:
@@ -81,6 +93,7 @@ def build_parser() -> Parser:
     p.add_argument("--out", default=d.out, help="run directory for metrics.json and model.pt")
     add_optim_flags(p)
     add_fresh_flag(p)
+    add_data_flags(p)
     return p
 
 
@@ -93,7 +106,7 @@ def config_from(argv: Sequence[str]) -> TrainConfig:
         activation = "centered_softplus"
         beta = LCNN_DEFAULTS["beta"] if beta is None else beta
         bn_gamma = LCNN_DEFAULTS["bn_gamma"] if bn_gamma is None else bn_gamma
-    cfg = TrainConfig(data=a.data, model=a.model, manifest=a.manifest, epochs=a.epochs, workers=a.workers,
+    cfg = TrainConfig(data=data_spec(a), model=a.model, manifest=a.manifest, epochs=a.epochs, workers=a.workers,
                       gpus=a.gpus, seed=a.seed, budget=a.budget, weighting=a.weighting,
                       loader=a.loader,
                       curvature_lambda=a.curvature_lambda, curvature_eps=a.curvature_eps, gradreg=a.gradreg,
@@ -149,7 +162,8 @@ def run_train(cfg: TrainConfig, subset: Optional[tuple] = None, callbacks: Seque
                    "data_rows": {"train": load_source(cfg.data).num_rows("train"),
                                  "test": load_source(cfg.data).num_rows("test")},
                    "manifest": cfg.manifest, "manifest_hash": manifest_hash, "model_options": cfg.model_options,
-                   "config": to_dict(cfg), "environment": artifacts.environment()}
+                   "config": to_dict(cfg), "environment": artifacts.environment(),
+                   **report_skipped(load_source(cfg.data), out)}
         artifacts.write_json(out / "metrics.json", metrics)
         shutil.rmtree(out / PARTIAL, ignore_errors=True)
     print(f"test accuracy {metrics['test_accuracy']:.4f} on {n} samples ({metrics['samples_seen']} seen) "

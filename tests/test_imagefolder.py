@@ -115,7 +115,7 @@ def test_bad_trees_are_refused(tmp_path, monkeypatch):
 
 
 def test_spec_options_are_checked():
-    with pytest.raises(ConfigError, match=r"'colour=red' is not an option of 'imagefolder' \(size=...\)"):
+    with pytest.raises(ConfigError, match=r"'colour=red' is not an option of 'imagefolder' \(size=..., bad=...\)"):
         load_source("imagefolder,colour=red:/x")
     with pytest.raises(ConfigError, match="option size='big' is not a int"):
         load_source("imagefolder,size=big:/x")
@@ -176,3 +176,57 @@ def test_a_bad_image_stops_a_job_with_one_line(ray_local, run_job, tmp_path):
     assert code == 2 and lines[-1].startswith(f"jobs.score: error: imagefolder: cannot decode image {odd['truncated']}")
     assert "Traceback" not in err and "ray::" not in err and "read before it" in lines[-1], err
     assert not (out / "scores.parquet").exists()
+
+
+def test_skip_leaves_out_what_does_not_decode_and_caches_the_verdicts(tmp_path, monkeypatch):
+    monkeypatch.setenv("WINNOW_CACHE", str(tmp_path / "cache"))
+    odd = make_tree(tmp_path / "t", CLASSES[:2], train_per_class=3, val_per_class=1, truncated=True)
+    (tmp_path / "t" / "val" / "n01443537" / "junk.JPEG").write_bytes(b"not an image at all")
+    src = load_source(f"imagefolder,size=16,bad=skip:{tmp_path / 't'}")
+    assert [rel for rel, _ in src.skipped] == [odd["truncated"], "val/n01443537/junk.JPEG"]
+    assert "truncated" in src.skipped[0][1]
+    assert (src.num_rows("train"), src.num_rows("test")) == (6, 2)
+    assert stable_id(odd["truncated"]) not in src.arrays("train").sample_id
+    assert len(list((tmp_path / "cache" / "bad-images").iterdir())) == 1
+    # a second opening of the same spec (a Ray worker, a rerun) reads the verdicts, decodes nothing
+    import engine.data.files as files
+
+    monkeypatch.setattr(files, "decode_rgb", lambda *a: pytest.fail("decoded again"))
+    again = load_source(f"imagefolder,size=16,bad=skip:{tmp_path / 't'}")
+    assert again.skipped == src.skipped and again.lists == src.lists
+
+
+def test_bad_images_flag_is_checked(run_job, tmp_path):
+    from jobs import score
+
+    code, _, err = run_job(score, ["--data", "digits", "--bad-images", "skip", "--out", tmp_path / "r"])
+    assert code == 2 and "--bad-images applies to imagefolder: sources, not 'digits'" in err
+    code, _, err = run_job(score, ["--data", "imagefolder,bad=maybe:/x", "--out", tmp_path / "r"])
+    assert code == 2 and "bad='maybe': expected one of fail, skip" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_skip_through_the_jobs_lists_and_counts_what_was_left_out(ray_local, run_job, tmp_path, monkeypatch):
+    import json
+
+    from engine import artifacts
+    from jobs import score, train
+
+    monkeypatch.setenv("WINNOW_CACHE", str(tmp_path / "cache"))
+    odd = make_tree(tmp_path / "t", CLASSES[:2], train_per_class=4, val_per_class=1, truncated=True)
+    data = f"imagefolder,size=16:{tmp_path / 't'}"
+    code, out, err = run_job(score, ["--data", data, "--bad-images", "skip", "--scores", "el2n", "--seeds", "1",
+                                     "--epochs", "1", "--out", tmp_path / "s"])
+    assert code == 0, err
+    assert "skipped 1 image file(s) that do not decode (--bad-images skip)" in out
+    listed = (tmp_path / "s" / "skipped_images.tsv").read_text().splitlines()
+    assert listed[0] == "path\treason" and listed[1].startswith(f"{odd['truncated']}\t")
+    table, meta = artifacts.read_table(tmp_path / "s" / "scores.parquet", "score table")
+    assert meta["skipped_images"] == 1 and meta["bad_images"] == "skip" and table.num_rows == 8
+    assert stable_id(odd["truncated"]) not in table.column("sample_id").to_numpy()
+    code, out, err = run_job(train, ["--data", data, "--bad-images", "skip", "--epochs", "1",
+                                     "--out", tmp_path / "tr"])
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "tr" / "metrics.json").read_text())
+    assert metrics["skipped_images"] == 1 and metrics["train_size"] == 8
+    assert (tmp_path / "tr" / "skipped_images.tsv").is_file()

@@ -271,6 +271,7 @@ class ParquetSource(Source):
 # torchvision.datasets.folder.IMG_EXTENSIONS, matched case-insensitively as ImageFolder does
 FOLDER_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TEST_DIRS = ("val", "test")  # ILSVRC names its held-out split val/
+BAD_IMAGES = ("fail", "skip")  # a file that does not decode: stop with one line, or leave it out (listed)
 SMALL_IMAGE = 64  # at most this many pixels a side: no 0.875 crop margin (CIFAR-style data)
 
 
@@ -360,14 +361,19 @@ class ImageFolderSource(Source):
     center-cropped to ``size`` (option ``size=S``; default: the first training image's shorter
     side, at most 224); see ``eval_geometry``."""
 
-    OPTIONS = {"size": int}
+    OPTIONS = {"size": int, "bad": str}
 
-    def __init__(self, arg: Optional[str], size: Optional[int] = None):
+    def __init__(self, arg: Optional[str], size: Optional[int] = None, bad: str = "fail"):
         if not arg:
             raise ConfigError("imagefolder source needs a path: imagefolder:PATH")
         if size is not None and not 1 <= size <= 4096:
             raise ConfigError(f"imagefolder: size={size} must be between 1 and 4096")
-        self.spec = f"imagefolder,size={size}:{arg}" if size else f"imagefolder:{arg}"
+        if bad not in BAD_IMAGES:
+            raise ConfigError(f"imagefolder: bad={bad!r}: expected one of {', '.join(BAD_IMAGES)}")
+        opts = (f",size={size}" if size else "") + (f",bad={bad}" if bad != "fail" else "")
+        self.spec = f"imagefolder{opts}:{arg}"
+        self.bad = bad
+        self.skipped: list = []  # (relative path, reason) of the files bad=skip left out
         self.uri = arg
         self.fs, self.root = _filesystem(arg)
         self.root = self.root.rstrip("/") or "/"
@@ -422,6 +428,8 @@ class ImageFolderSource(Source):
             test = in_holdout(np.array([stable_id(rel) for rel, _ in every], dtype=np.int64))
             self.lists = {"train": [f for f, t in zip(every, test) if not t],
                           "test": [f for f, t in zip(every, test) if t]}
+        if bad == "skip":
+            self._skip_unreadable()
         seen: dict = {}
         for split in ("train", "test"):
             for rel, _ in self.lists[split]:
@@ -429,6 +437,51 @@ class ImageFolderSource(Source):
                 if other != rel:
                     raise DataError(f"imagefolder: {other} and {rel} hash to the same sample_id; rename one")
         self._size = size
+
+    def _skip_unreadable(self) -> None:
+        """``bad=skip``: decode every listed file once (threads: PIL decodes without the GIL) and
+        leave out those that fail, recording them in ``skipped``. The verdicts are cached on disk
+        by the files' names, sizes and modification times, so the Ray workers that open the same
+        spec (and reruns) do not decode everything again."""
+        import hashlib
+        import json
+        from concurrent.futures import ThreadPoolExecutor
+
+        everything = sorted(rel for split in ("train", "test") for rel, _ in self.lists[split])
+        h = hashlib.sha256(self.uri.encode())
+        for rel in everything:
+            h.update(f"{rel}\0{self._stats[rel][0]}\0{self._stats[rel][1]}\n".encode())
+        cache = Path(os.environ.get("WINNOW_CACHE") or Path.home() / ".cache" / "winnow") / "bad-images"
+        cache_file = cache / f"{h.hexdigest()[:32]}.json"
+        verdicts = None
+        try:
+            verdicts = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            pass
+        if not isinstance(verdicts, dict) or not all(isinstance(v, str) for v in verdicts.values()):
+
+            def check(rel: str) -> Optional[str]:
+                try:
+                    with self.fs.open_input_file(f"{self.root.rstrip('/')}/{rel}") as fh:
+                        decode_rgb(fh.read(), rel)
+                except (DataError, OSError) as exc:
+                    return str(exc)
+                return None
+
+            with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+                verdicts = {rel: why for rel, why in zip(everything, pool.map(check, everything)) if why}
+            try:
+                from engine.artifacts import atomic_write_bytes
+
+                cache.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(cache_file, json.dumps(verdicts, sort_keys=True).encode())
+            except OSError:
+                pass  # a read-only home: the verdicts are recomputed where needed
+        self.skipped = sorted(verdicts.items())
+        for split in ("train", "test"):
+            self.lists[split] = [(rel, lab) for rel, lab in self.lists[split] if rel not in verdicts]
+        if not self.lists["train"]:
+            raise DataError(f"imagefolder: none of the {len(everything)} image(s) under {self.uri!r} decodes")
 
     @property
     def size(self) -> int:

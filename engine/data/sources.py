@@ -57,6 +57,25 @@ def load_source(spec: str) -> Source:
     return cls(arg or None, **opts) if opts else cls(arg or None)
 
 
+def with_options(spec: str, flag: str, **options) -> str:
+    """``spec`` with ``options`` set (replacing the spec's own), for flags such as
+    ``--bad-images`` that map to a source option; ConfigError naming ``flag`` if the source
+    takes no such option. ``None`` values are left out."""
+    options = {k: v for k, v in options.items() if v is not None}
+    if not options:
+        return spec
+    head, colon, arg = str(spec).strip().partition(":")
+    name, *pairs = head.split(",")
+    known = getattr(DATASETS[name], "OPTIONS", {})
+    for key in options:
+        if key not in known:
+            takers = sorted(n for n in DATASETS.names() if key in getattr(DATASETS[n], "OPTIONS", {}))
+            raise ConfigError(f"{flag} applies to {', '.join(f'{n}:' for n in takers)} sources, not {name!r}")
+    kept = [pair for pair in pairs if pair.partition("=")[0] not in options]
+    head = ",".join([name, *kept, *(f"{k}={v}" for k, v in options.items())])
+    return f"{head}{colon}{arg}"
+
+
 class FashionMnistMini(InMemorySource):
     """The embedded default: 600 train and 100 test images per class of Fashion-MNIST, cut by
     ``python -m engine.data.make_mini``; sample ids are the original Fashion-MNIST indices."""
