@@ -127,7 +127,9 @@ def _signal_after(proc, needle: str, sig: int, timeout: float = 240) -> str:
      "stage proxies:", signal.SIGTERM, 143),
     (["jobs.train", "--data", "digits", "--epochs", "300"], "train: pass 2/", signal.SIGINT, 130),
 ])
-def test_signals_stop_a_job_cleanly(tmp_path, argv, needle, sig, code):
+def test_signals_stop_a_job_cleanly(ray_local, tmp_path, argv, needle, sig, code):
+    """``ray_local``: another Ray runs on the machine meanwhile, as another job's would (Ray's own
+    processes in the job must still find their own cluster, not fail on "multiple instances")."""
     out = tmp_path / "run"
     proc = _start([*argv, "--out", str(out)], tmp_path)
     log = _signal_after(proc, needle, sig)

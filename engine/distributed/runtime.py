@@ -19,7 +19,7 @@ import ray
 
 # Set on every process of the job's own Ray (the driver and, inherited, Ray's daemons and workers).
 PRIVATE_RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_TOKEN_PATH")
+_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_TOKEN_PATH", "RAY_API_SERVER_ADDRESS")
 
 
 def _local_temp_dir() -> str:
@@ -76,10 +76,17 @@ def _reload_ray_settings() -> None:
 
 
 @contextlib.contextmanager
-def private_ray_env(token_dir: Optional[str] = None) -> Iterator[dict]:
+def private_ray_env(token_dir: Optional[str] = None, dashboard_url: Optional[str] = None) -> Iterator[dict]:
     """The environment of the job's own Ray, set for the block and restored after it: token
-    authentication, loopback only. Yields the variables it set (the token's path included)."""
+    authentication, loopback only. Yields the variables it set (the token's path included).
+
+    ``dashboard_url``: where Ray's state API is served. Ray's own processes (Ray Train's
+    placement-group cleaner among them) otherwise find their cluster by scanning the machine for
+    GCS processes, and fail with "Found multiple active Ray instances" as soon as another Ray
+    runs on it (another job, another user)."""
     env = dict(PRIVATE_RAY_ENV)
+    if dashboard_url:
+        env["RAY_API_SERVER_ADDRESS"] = dashboard_url
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         env["RAY_AUTH_TOKEN_PATH"] = private_token_path(token_dir)
     saved = {k: os.environ.get(k) for k in _AUTH_ENV}
@@ -130,10 +137,12 @@ def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
             ray.shutdown()
         return
     kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=_local_temp_dir())
+    url = None
     if dashboard:
         port = int(os.environ.get("WINNOW_DASHBOARD_PORT") or _free_port())
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
-    with private_ray_env():
+        url = f"http://127.0.0.1:{port}"
+    with private_ray_env(dashboard_url=url):
         _init_keeping_signal_handlers(**kwargs)
         try:
             yield
