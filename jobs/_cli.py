@@ -148,6 +148,10 @@ def start_fresh(out: Path, checkpoint_storage: Optional[str] = None) -> None:
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=int, default=None, metavar="S",
+                   help="images of any size (imagefolder) are brought to S x S: shorter side resized to S/0.875 "
+                        "(to S at 64 px or less) and center-cropped, as torchvision's ImageNet reference does "
+                        "(default: the first training image's shorter side, at most 224)")
     p.add_argument("--bad-images", choices=("fail", "skip"), default=None,
                    help="an image file that does not decode (imagefolder): fail (the default: one line naming "
                         "it, exit 2, nothing written) or skip (left out; listed in OUT/skipped_images.tsv, "
@@ -159,7 +163,8 @@ def data_spec(args: argparse.Namespace) -> str:
     spec to every Ray worker and into provenance)."""
     from engine.data.sources import with_options
 
-    return with_options(args.data, "--bad-images", bad=args.bad_images)
+    spec = with_options(args.data, "--image-size", size=args.image_size)
+    return with_options(spec, "--bad-images", bad=args.bad_images)
 
 
 def report_skipped(source, out: Path) -> dict:

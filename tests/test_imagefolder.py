@@ -53,7 +53,10 @@ def test_ilsvrc_layout_classes_ids_and_splits(tree):
 @pytest.mark.parametrize("size", [32, 224])
 def test_any_size_and_mode_matches_torchvision(tree, size):
     """Every image, whatever its size or mode (grayscale, CMYK, palette, RGBA, a PNG named
-    .JPEG), becomes RGB and goes through torchvision's Resize + CenterCrop geometry."""
+    .JPEG), becomes RGB and goes through torchvision's Resize + CenterCrop geometry (exactly,
+    unless a JPEG is large enough for libjpeg to decode it at a reduced scale)."""
+    from PIL import Image
+
     root, odd = tree
     src = load_source(f"imagefolder,size={size}:{root}")
     rows = src.arrays("train")
@@ -61,11 +64,21 @@ def test_any_size_and_mode_matches_torchvision(tree, size):
     by_id = {int(i): k for k, i in enumerate(rows.sample_id)}
     rels = [rel for rel, _ in src.lists["train"]]
     assert set(odd.values()) <= set(rels)
+    drafted = 0
     for rel in rels:
         got = rows.image[by_id[stable_id(rel)]]
         want = torchvision_eval(pil_rgb(root, rel), resize, size)
         assert got.shape == want.shape == (size, size, 3)
-        assert np.array_equal(got, want), rel
+        with Image.open(root / rel) as im:
+            draft = im.format == "JPEG" and min(im.size) // 2 >= 2 * resize  # decoded at 1/2 or less
+        if draft:  # decoded at a reduced scale (PIL's draft mode): close to, not equal to, the full decode
+            drafted += 1
+            # (a sub-pixel shift of the grid decorrelates single pixels of these noisy images: compare 4x4 means)
+            blocks = [a.astype(float).reshape(size // 4, 4, size // 4, 4, 3).mean((1, 3)) for a in (got, want)]
+            assert np.abs(blocks[0] - blocks[1]).mean() < 4, rel
+        else:
+            assert np.array_equal(got, want), rel
+    assert (drafted > 0) == (size == 32)
 
 
 def test_default_size_is_the_first_images_shorter_side_at_most_224(tmp_path):
@@ -201,6 +214,13 @@ def test_bad_images_flag_is_checked(run_job, tmp_path):
 
     code, _, err = run_job(score, ["--data", "digits", "--bad-images", "skip", "--out", tmp_path / "r"])
     assert code == 2 and "--bad-images applies to imagefolder: sources, not 'digits'" in err
+    code, _, err = run_job(score, ["--data", "digits", "--image-size", "64", "--out", tmp_path / "r"])
+    assert code == 2 and "--image-size applies to imagefolder: sources, not 'digits'" in err
+    from jobs._cli import data_spec
+    from jobs.score import build_parser
+
+    assert data_spec(build_parser().parse_args(["--data", "imagefolder,size=8:/d", "--image-size", "64",
+                                                "--bad-images", "skip"])) == "imagefolder,size=64,bad=skip:/d"
     code, _, err = run_job(score, ["--data", "imagefolder,bad=maybe:/x", "--out", tmp_path / "r"])
     assert code == 2 and "bad='maybe': expected one of fail, skip" in err
     assert not (tmp_path / "r").exists()

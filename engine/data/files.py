@@ -9,6 +9,7 @@ the row (parquet) or the relative path (imagefolder): 63 bits of blake2b.
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 
 from engine.data.base import DataInfo, Partition, Source, check_split, files_key, in_holdout, stable_id, validate_rows
 from engine.data.sources import DATASETS, GENERIC_MEAN, GENERIC_STD
+from engine.data.transforms import eval_geometry, resize_center_crop
 from engine.errors import ConfigError, DataError
 
 SHAPE_KEY = b"winnow_image_shape"
@@ -272,42 +274,30 @@ class ParquetSource(Source):
 FOLDER_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TEST_DIRS = ("val", "test")  # ILSVRC names its held-out split val/
 BAD_IMAGES = ("fail", "skip")  # a file that does not decode: stop with one line, or leave it out (listed)
-SMALL_IMAGE = 64  # at most this many pixels a side: no 0.875 crop margin (CIFAR-style data)
-
-
-def eval_geometry(size: int) -> tuple:
-    """(resize, crop) of the evaluation transform for output side ``size``: torchvision's
-    ImageNet reference (shorter side to size/0.875, center crop size) above 64 px; shorter side
-    to size and center crop for small images."""
-    return (size if size <= SMALL_IMAGE else int(size / 0.875)), size
-
-
-def resize_center_crop(im, resize: int, crop: int) -> np.ndarray:
-    """A PIL image -> uint8 [crop, crop, C], as torchvision's ``Resize(resize)`` (shorter side
-    to ``resize``, the other ``int(resize * long / short)``, bilinear) then ``CenterCrop(crop)``."""
-    from PIL import Image
-
-    w, h = im.size
-    short, long = (w, h) if w <= h else (h, w)
-    if short != resize:
-        new_long = int(resize * long / short)
-        im = im.resize((resize, new_long) if w <= h else (new_long, resize), Image.BILINEAR)
-    w, h = im.size
-    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
-    im = im.crop((left, top, left + crop, top + crop))
-    return np.asarray(im, dtype=np.uint8)
-
-
-def decode_rgb(data: bytes, where: str):
+def decode_rgb(data: bytes, where: str, min_side: Optional[int] = None):
     """Encoded bytes (by content, whatever the file's name says) -> an RGB PIL image, as
     torchvision's loader makes it (grayscale, CMYK, palette and RGBA converted). A truncated
-    file, a decompression bomb or anything PIL cannot read is a DataError naming ``where``."""
+    file, a decompression bomb or anything PIL cannot read is a DataError naming ``where``.
+    ``min_side``: the shorter side the image is headed for; a JPEG is then decoded by libjpeg
+    at 1/2, 1/4 or 1/8 scale where that still leaves at least twice ``min_side`` (PIL's draft
+    mode: most of the decode cost of a large JPEG bound for a small size disappears)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            full_size = im.size
+            if min_side:
+                w, h = im.size
+                short = max(min(w, h), 1)
+                # keep at least twice the target: the bilinear resize that follows still averages
+                # over >= 2 decoded pixels per output pixel, so the result stays near a full decode
+                want = 2 * min_side
+                im.draft("RGB", (math.ceil(w * want / short), math.ceil(h * want / short)))
             im.load()
-            return im.convert("RGB") if im.mode != "RGB" else im.copy()
+            out = im.convert("RGB") if im.mode != "RGB" else im.copy()
+            if out.size != full_size:
+                out.info["full_size"] = full_size
+            return out
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {where}: {exc}") from None
 
@@ -342,7 +332,7 @@ class FilesPartition(Partition):
             except OSError as exc:
                 raise DataError(f"imagefolder: cannot read {rel}: {exc}") from None
             try:
-                images[i] = resize_center_crop(decode_rgb(data, rel), resize, crop)
+                images[i] = resize_center_crop(decode_rgb(data, rel, min_side=resize), resize, crop)
             except DataError as exc:
                 raise DataError(f"imagefolder: {exc} ({i} image(s) of this {len(self.files)}-file part of the "
                                 f"{self.split} split read before it)") from None
