@@ -284,20 +284,21 @@ def decode_rgb(data: bytes, where: str, min_side: Optional[int] = None):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            full_size = im.size
-            if min_side:
-                w, h = im.size
-                short = max(min(w, h), 1)
-                # keep at least twice the target: the bilinear resize that follows still averages
-                # over >= 2 decoded pixels per output pixel, so the result stays near a full decode
-                want = 2 * min_side
-                im.draft("RGB", (math.ceil(w * want / short), math.ceil(h * want / short)))
-            im.load()
-            out = im.convert("RGB") if im.mode != "RGB" else im.copy()
-            if out.size != full_size:
-                out.info["full_size"] = full_size
-            return out
+        # not closed: an in-memory buffer holds no file, and closing would free the pixels (a copy)
+        im = Image.open(io.BytesIO(data))
+        full_size = im.size
+        if min_side:
+            w, h = im.size
+            short = max(min(w, h), 1)
+            # keep at least twice the target: the bilinear resize that follows still averages
+            # over >= 2 decoded pixels per output pixel, so the result stays near a full decode
+            want = 2 * min_side
+            im.draft("RGB", (math.ceil(w * want / short), math.ceil(h * want / short)))
+        im.load()
+        out = im.convert("RGB") if im.mode != "RGB" else im
+        if out.size != full_size:
+            out.info["full_size"] = full_size
+        return out
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {where}: {exc}") from None
 
