@@ -75,10 +75,7 @@ def run_lock(run_dir: str | Path, job: str, say=None) -> Iterator[Path]:
         try:
             yield path
         finally:
-            try:  # unlink while still holding it: a waiting run then locks a fresh file
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            path.unlink(missing_ok=True)  # while still holding it: a waiting run then locks a fresh file
     finally:
         os.close(fd)
         if created:

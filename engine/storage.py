@@ -31,8 +31,14 @@ def is_uri(path: str | os.PathLike) -> bool:
     return bool(URI.match(str(path)))
 
 
+def cache_root() -> Path:
+    """Winnow's per-user cache: ``$WINNOW_CACHE``, default ``~/.cache/winnow`` (staging
+    directories, the private Ray's token, image-decoding verdicts)."""
+    return Path(os.environ.get("WINNOW_CACHE") or Path.home() / ".cache" / "winnow")
+
+
 def staging_dir(uri: str) -> Path:
-    root = Path(os.environ.get("WINNOW_STAGING") or Path.home() / ".cache" / "winnow" / "staging")
+    root = Path(os.environ.get("WINNOW_STAGING") or cache_root() / "staging")
     tail = re.sub(r"[^A-Za-z0-9_.-]", "_", uri.rstrip("/").rsplit("/", 1)[-1])[:40]
     return root / f"{hashlib.sha256(uri.encode()).hexdigest()[:12]}-{tail}"
 

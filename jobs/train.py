@@ -153,17 +153,17 @@ def run_train(cfg: TrainConfig, subset: Optional[tuple] = None, callbacks: Seque
     with output_dir(cfg.out, keep=(PARTIAL,)) as out:
         (out / "metrics.json").unlink(missing_ok=True)  # a stale result must not outlive a failed rerun
         m = fit_on_ray(cfg, ids, weight, manifest_hash, callbacks=callbacks)
+        source = load_source(cfg.data)
         metrics = {"test_accuracy": m["test_accuracy"], "wall_time_s": m["wall_time_s"],
                    "train_time_s": m.get("train_time_s"), "samples_seen": m["samples_seen"], "steps": m["steps"],
                    "passes": m["passes"], "train_size": n, "epochs": cfg.epochs, "budget": cfg.budget,
                    "weighting": cfg.weighting if cfg.manifest else None, "restarts": m.get("restarts", 0),
                    "history": m.get("history", []), "geometry": m.get("geometry"),
                    "robust_accuracy": m.get("robust_accuracy"), "data": cfg.data,
-                   "data_rows": {"train": load_source(cfg.data).num_rows("train"),
-                                 "test": load_source(cfg.data).num_rows("test")},
+                   "data_rows": {"train": source.num_rows("train"), "test": source.num_rows("test")},
                    "manifest": cfg.manifest, "manifest_hash": manifest_hash, "model_options": cfg.model_options,
                    "config": to_dict(cfg), "environment": artifacts.environment(),
-                   **report_skipped(load_source(cfg.data), out)}
+                   **report_skipped(source, out)}
         artifacts.write_json(out / "metrics.json", metrics)
         shutil.rmtree(out / PARTIAL, ignore_errors=True)
     print(f"test accuracy {metrics['test_accuracy']:.4f} on {n} samples ({metrics['samples_seen']} seen) "

@@ -308,6 +308,11 @@ def _cached_fs(uri: str):
     return _filesystem(uri)
 
 
+def _read_file(fs, root: str, rel: str) -> bytes:
+    with fs.open_input_file(f"{root.rstrip('/')}/{rel}") as fh:
+        return fh.read()
+
+
 @dataclass(frozen=True)
 class FilesPartition(Partition):
     """Image files ``(relative path, label)`` under ``uri``, decoded, made RGB and brought to
@@ -328,8 +333,7 @@ class FilesPartition(Partition):
         images = np.empty((len(self.files), crop, crop, 3), np.uint8)
         for i, (rel, _) in enumerate(self.files):
             try:
-                with fs.open_input_file(f"{root.rstrip('/')}/{rel}") as fh:
-                    data = fh.read()
+                data = _read_file(fs, root, rel)
             except OSError as exc:
                 raise DataError(f"imagefolder: cannot read {rel}: {exc}") from None
             try:
@@ -434,27 +438,27 @@ class ImageFolderSource(Source):
         leave out those that fail, recording them in ``skipped``. The verdicts are cached on disk
         by the files' names, sizes and modification times, so the Ray workers that open the same
         spec (and reruns) do not decode everything again."""
+        import contextlib
         import hashlib
         import json
         from concurrent.futures import ThreadPoolExecutor
+
+        from engine.storage import cache_root
 
         everything = sorted(rel for split in ("train", "test") for rel, _ in self.lists[split])
         h = hashlib.sha256(self.uri.encode())
         for rel in everything:
             h.update(f"{rel}\0{self._stats[rel][0]}\0{self._stats[rel][1]}\n".encode())
-        cache = Path(os.environ.get("WINNOW_CACHE") or Path.home() / ".cache" / "winnow") / "bad-images"
+        cache = cache_root() / "bad-images"
         cache_file = cache / f"{h.hexdigest()[:32]}.json"
         verdicts = None
-        try:
+        with contextlib.suppress(OSError, ValueError):  # no cache yet, or a damaged one: decode
             verdicts = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            pass
         if not isinstance(verdicts, dict) or not all(isinstance(v, str) for v in verdicts.values()):
 
             def check(rel: str) -> Optional[str]:
                 try:
-                    with self.fs.open_input_file(f"{self.root.rstrip('/')}/{rel}") as fh:
-                        decode_rgb(fh.read(), rel)
+                    decode_rgb(_read_file(self.fs, self.root, rel), rel)
                 except (DataError, OSError) as exc:
                     return str(exc)
                 return None
@@ -478,8 +482,7 @@ class ImageFolderSource(Source):
     def size(self) -> int:
         if self._size is None:
             rel = self.lists["train"][0][0]
-            with self.fs.open_input_file(f"{self.root.rstrip('/')}/{rel}") as fh:
-                w, h = decode_rgb(fh.read(), rel).size
+            w, h = decode_rgb(_read_file(self.fs, self.root, rel), rel).size
             self._size = min(224, w, h)
         return self._size
 

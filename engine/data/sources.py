@@ -40,8 +40,7 @@ def load_source(spec: str) -> Source:
     included, is what travels to Ray workers and into provenance."""
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError("--data: give a data source spec, e.g. fashion-mnist-mini")
-    head, _, arg = spec.strip().partition(":")
-    name, *pairs = head.split(",")
+    name, pairs, arg = _split_spec(spec)
     cls = DATASETS[name]
     known = getattr(cls, "OPTIONS", {})
     opts = {}
@@ -57,6 +56,13 @@ def load_source(spec: str) -> Source:
     return cls(arg or None, **opts) if opts else cls(arg or None)
 
 
+def _split_spec(spec: str) -> tuple:
+    """``"name,key=value,...:argument"`` -> (name, ["key=value", ...], argument or "")."""
+    head, _, arg = str(spec).strip().partition(":")
+    name, *pairs = head.split(",")
+    return name, pairs, arg
+
+
 def with_options(spec: str, flag: str, **options) -> str:
     """``spec`` with ``options`` set (replacing the spec's own), for flags such as
     ``--bad-images`` that map to a source option; ConfigError naming ``flag`` if the source
@@ -64,8 +70,7 @@ def with_options(spec: str, flag: str, **options) -> str:
     options = {k: v for k, v in options.items() if v is not None}
     if not options:
         return spec
-    head, colon, arg = str(spec).strip().partition(":")
-    name, *pairs = head.split(",")
+    name, pairs, arg = _split_spec(spec)
     known = getattr(DATASETS[name], "OPTIONS", {})
     for key in options:
         if key not in known:
@@ -73,7 +78,7 @@ def with_options(spec: str, flag: str, **options) -> str:
             raise ConfigError(f"{flag} applies to {', '.join(f'{n}:' for n in takers)} sources, not {name!r}")
     kept = [pair for pair in pairs if pair.partition("=")[0] not in options]
     head = ",".join([name, *kept, *(f"{k}={v}" for k, v in options.items())])
-    return f"{head}{colon}{arg}"
+    return f"{head}:{arg}" if arg else head
 
 
 class FashionMnistMini(InMemorySource):

@@ -37,7 +37,9 @@ def _refuse(path: str, st: os.stat_result, why: str):
 
 def _token_dir() -> str:
     # Not Ray's temp dir: Ray makes that world-writable (chmod 0777) on every start.
-    return os.path.join(os.path.expanduser("~"), ".cache", "winnow", "ray")
+    from engine.storage import cache_root
+
+    return str(cache_root() / "ray")
 
 
 def private_token_path(token_dir: Optional[str] = None) -> str:
