@@ -48,6 +48,7 @@ class ScoreConfig:
     score_params: dict = field(default_factory=dict)  # {score: {param: value}}, e.g. {"nc": {"iters": 20}}
     embedding_dim: int = 0             # >0: also write embeddings.parquet (last-layer gradients, seed 0, last epoch)
     precision: str = "float32"         # "bf16": autocast for the scorers that allow it (engine.scores.runs_in_bf16)
+    train_transform: Optional[str] = None  # the proxies' training augmentation; None: the source's default
     optim: OptimConfig = OptimConfig()
     out: str = "runs/score"            # run directory
 
@@ -62,6 +63,10 @@ class ScoreConfig:
         from engine.scores import check_precision
 
         check_precision(self.precision)
+        if self.train_transform is not None:
+            from engine.data.transforms import check_train_transform
+
+            check_train_transform(self.train_transform)
         for e in self.score_epochs or ():
             if not 0 <= e <= self.epochs:
                 raise ConfigError(f"score_epochs: epoch {e} is outside 0..epochs ({self.epochs})")
@@ -86,6 +91,7 @@ class TrainConfig:
     budget: str = "epochs"             # "epochs": `epochs` passes over the subset; "steps": the optimizer steps of `epochs` full-data passes
     weighting: str = "loss"            # manifest weights as per-sample loss weights ("loss") or sampling probabilities ("sampling")
     loader: str = "memory"             # "memory": each worker holds the split; "ray-data": workers stream their shard of a Ray Dataset
+    train_transform: Optional[str] = None  # training augmentation (engine.data.transforms.TRAIN_TRANSFORMS); None: the source's default
     curvature_lambda: float = 0.0      # SLo-Curves regulariser: CE + λ·Curv(X)
     curvature_eps: float = 8 / 255     # Curv's step per input coordinate, in [0, 1] pixel units
     gradreg: float = 0.0               # LCNN GradReg weight μ (input-gradient norm penalty)
@@ -116,6 +122,10 @@ class TrainConfig:
         if self.loader == "ray-data" and self.weighting == "sampling":
             raise ConfigError("loader 'ray-data' streams each row once per pass: use weighting 'loss' "
                               "(weighted sampling needs the in-memory loader)")
+        if self.train_transform is not None:
+            from engine.data.transforms import check_train_transform
+
+            check_train_transform(self.train_transform)
         _in_range(self, "curvature_lambda", 0.0, 1e6)
         _in_range(self, "curvature_eps", 1e-6, 1.0)
         _in_range(self, "gradreg", 0.0, 1e6)

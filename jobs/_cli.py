@@ -148,10 +148,16 @@ def start_fresh(out: Path, checkpoint_storage: Optional[str] = None) -> None:
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
+    from engine.data.transforms import EVAL_TRANSFORMS
+
     p.add_argument("--image-size", type=int, default=None, metavar="S",
                    help="images of any size (imagefolder) are brought to S x S: shorter side resized to S/0.875 "
                         "(to S at 64 px or less) and center-cropped, as torchvision's ImageNet reference does "
                         "(default: the first training image's shorter side, at most 224)")
+    p.add_argument("--eval-transform", choices=EVAL_TRANSFORMS, default=None,
+                   help="how images of any size (imagefolder) are brought to S x S for scoring and evaluation: "
+                        "center-crop (the default: shorter side to S/0.875, center crop S) or resize (shorter side "
+                        "to S, center crop S)")
     p.add_argument("--bad-images", choices=("fail", "skip"), default=None,
                    help="an image file that does not decode (imagefolder): fail (the default: one line naming "
                         "it, exit 2, nothing written) or skip (left out; listed in OUT/skipped_images.tsv, "
@@ -164,7 +170,18 @@ def data_spec(args: argparse.Namespace) -> str:
     from engine.data.sources import with_options
 
     spec = with_options(args.data, "--image-size", size=args.image_size)
+    spec = with_options(spec, "--eval-transform", eval=args.eval_transform)
     return with_options(spec, "--bad-images", bad=args.bad_images)
+
+
+def add_train_transform_flag(p: argparse.ArgumentParser, what: str) -> None:
+    from engine.data.transforms import TRAIN_TRANSFORMS
+
+    p.add_argument("--train-transform", choices=TRAIN_TRANSFORMS, default=None,
+                   help=f"augmentation of {what}, seeded by (seed, epoch, sample_id): rrc-flip (RandomResizedCrop "
+                        "+ flip, ImageNet's), pad-crop-flip (4 px pad, random crop, flip: CIFAR's), flip or none. "
+                        "Default: the source's (imagefolder and parquet: rrc-flip above 64 px, pad-crop-flip at 64 "
+                        "or less; fashion-mnist, digits, synthetic: none)")
 
 
 def report_skipped(source, out: Path) -> dict:

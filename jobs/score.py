@@ -21,6 +21,7 @@ import pyarrow as pa
 from engine import artifacts
 from engine.config import ScoreConfig, to_dict
 from engine.data import load_source
+from engine.data.transforms import transforms_of
 from engine.errors import ConfigError, DamagedFileError
 from engine.models import check_model_name
 from engine.scores import (
@@ -38,6 +39,7 @@ from jobs._cli import (
     add_data_flags,
     add_fresh_flag,
     add_optim_flags,
+    add_train_transform_flag,
     data_spec,
     entry,
     int_list,
@@ -82,6 +84,7 @@ def build_parser() -> Parser:
     add_optim_flags(p)
     add_fresh_flag(p)
     add_data_flags(p)
+    add_train_transform_flag(p, "the proxies' training (scores are taken on the evaluation images)")
     return p
 
 
@@ -92,7 +95,8 @@ def config_from(argv: Sequence[str]) -> ScoreConfig:
                       min_actors=args.min_actors, cpus_per_actor=args.cpus_per_actor,
                       gpus_per_actor=args.gpus_per_actor, score_batch_size=args.score_batch_size,
                       score_params=check_params(args.score_params), embedding_dim=args.embeddings,
-                      precision=args.precision, optim=optim_from(args), out=args.out)
+                      precision=args.precision, train_transform=args.train_transform, optim=optim_from(args),
+                      out=args.out)
     cfg.validate()
     if cfg.epochs == 0 and any(s in HISTORY_SCORERS for s in cfg.scores):
         raise ConfigError("--epochs 0 trains no proxy, so there is no training history for "
@@ -172,7 +176,8 @@ def run_score(cfg: ScoreConfig) -> Path:
             _check_same_ids(ids, hist_ids)
             cols = {**_history_columns(runs, hist_scores), **cols}
         path = out / "scores.parquet"
-        _write(path, cfg, ids, label, cols, runs, epochs, params, report_skipped(source, out))
+        _write(path, cfg, ids, label, cols, runs, epochs, params,
+               {"transforms": transforms_of(cfg.train_transform, source.info()), **report_skipped(source, out)})
         shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {path}: {len(ids)} rows, columns {', '.join(cols)}")
     return path
@@ -201,7 +206,8 @@ def _proxies(cfg: ScoreConfig, keep: tuple, work: Path) -> list:
 def proxies_path(cfg: ScoreConfig, keep: tuple, work: Path) -> Path:
     """Where a run of this configuration keeps its trained proxies until it finishes."""
     key = hashlib.sha256(json.dumps({"data": cfg.data, "model": cfg.model, "seeds": cfg.seeds, "epochs": cfg.epochs,
-                                     "keep": list(keep), "optim": to_dict(cfg.optim)}, sort_keys=True).encode())
+                                     "keep": list(keep), "optim": to_dict(cfg.optim),
+                                     "train_transform": cfg.train_transform}, sort_keys=True).encode())
     return work / f"proxies-{key.hexdigest()[:16]}.pt"
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from engine import artifacts
 from engine.config import TrainConfig, to_dict
 from engine.data import load_source
+from engine.data.transforms import transforms_of
 from engine.errors import DataError
 from engine.models import check_model_name
 from jobs._cli import (
@@ -31,6 +32,7 @@ from jobs._cli import (
     add_data_flags,
     add_fresh_flag,
     add_optim_flags,
+    add_train_transform_flag,
     data_spec,
     entry,
     float_list,
@@ -94,6 +96,7 @@ def build_parser() -> Parser:
     add_optim_flags(p)
     add_fresh_flag(p)
     add_data_flags(p)
+    add_train_transform_flag(p, "the training images")
     return p
 
 
@@ -108,7 +111,7 @@ def config_from(argv: Sequence[str]) -> TrainConfig:
         bn_gamma = LCNN_DEFAULTS["bn_gamma"] if bn_gamma is None else bn_gamma
     cfg = TrainConfig(data=data_spec(a), model=a.model, manifest=a.manifest, epochs=a.epochs, workers=a.workers,
                       gpus=a.gpus, seed=a.seed, budget=a.budget, weighting=a.weighting,
-                      loader=a.loader,
+                      loader=a.loader, train_transform=a.train_transform,
                       curvature_lambda=a.curvature_lambda, curvature_eps=a.curvature_eps, gradreg=a.gradreg,
                       activation=activation, beta=beta, spectral_norm=a.spectral_norm or a.lcnn, bn_gamma=bn_gamma,
                       geometry=a.geometry, pgd_eps=tuple(a.pgd_eps), pgd_steps=a.pgd_steps,
@@ -162,6 +165,7 @@ def run_train(cfg: TrainConfig, subset: Optional[tuple] = None, callbacks: Seque
                    "robust_accuracy": m.get("robust_accuracy"), "data": cfg.data,
                    "data_rows": {"train": source.num_rows("train"), "test": source.num_rows("test")},
                    "manifest": cfg.manifest, "manifest_hash": manifest_hash, "model_options": cfg.model_options,
+                   "transforms": transforms_of(cfg.train_transform, source.info()),
                    "config": to_dict(cfg), "environment": artifacts.environment(),
                    **report_skipped(source, out)}
         artifacts.write_json(out / "metrics.json", metrics)

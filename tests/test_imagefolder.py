@@ -128,12 +128,14 @@ def test_bad_trees_are_refused(tmp_path, monkeypatch):
 
 
 def test_spec_options_are_checked():
-    with pytest.raises(ConfigError, match=r"'colour=red' is not an option of 'imagefolder' \(size=..., bad=...\)"):
+    with pytest.raises(ConfigError, match=r"'colour=red' is not an option of 'imagefolder' \(size=..., bad=..., eval=...\)"):
         load_source("imagefolder,colour=red:/x")
     with pytest.raises(ConfigError, match="option size='big' is not a int"):
         load_source("imagefolder,size=big:/x")
     with pytest.raises(ConfigError, match="size=0 must be between"):
         load_source("imagefolder,size=0:/x")
+    with pytest.raises(ConfigError, match="unknown evaluation transform 'squash'; known: center-crop, resize"):
+        load_source("imagefolder,eval=squash:/x")
     with pytest.raises(ConfigError, match="'size=3' is not an option of 'digits' \\(it takes none\\)"):
         load_source("digits,size=3")
 

@@ -92,13 +92,16 @@ def _train(run_job, out, *extra):
 
 
 @pytest.mark.slow  # fault drill, 50 s on 2 cores (make test-all)
-def test_injected_worker_failure_resumes_to_the_same_weights(ray_local, run_job, tmp_path):
-    code, _, err = _train(run_job, tmp_path / "clean")
+@pytest.mark.parametrize("extra", [(), ("--train-transform", "pad-crop-flip")], ids=["plain", "augmented"])
+def test_injected_worker_failure_resumes_to_the_same_weights(ray_local, run_job, tmp_path, extra):
+    """With augmentation too: its draws depend on (seed, pass, sample_id) only, so the resumed
+    passes see the images the uninterrupted run saw."""
+    code, _, err = _train(run_job, tmp_path / "clean", *extra)
     assert code == 0, err
     assert not (tmp_path / "clean" / "_partial").exists()  # checkpoints are dropped once the run is complete
     (tmp_path / "chaos" / "_partial").mkdir(parents=True)
     (tmp_path / "chaos" / "_partial" / "chaos-fail-worker").touch()  # rank 0 exits after pass 1's checkpoint
-    code, out, err = _train(run_job, tmp_path / "chaos")
+    code, out, err = _train(run_job, tmp_path / "chaos", *extra)
     assert code == 0, err
     metrics = json.loads((tmp_path / "chaos" / "metrics.json").read_text())
     assert metrics["restarts"] == 1 and metrics["passes"] == 3

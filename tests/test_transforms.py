@@ -21,6 +21,7 @@ from engine.data.transforms import (
     rrc_params,
     sample_rng,
 )
+from engine.errors import ConfigError
 from tests.imagenet_tree import _smooth
 
 
@@ -107,3 +108,64 @@ def test_draft_decoding_is_smaller_and_close_to_the_full_decode():
     assert full.size == (1600, 1200) and drafted.size == (800, 600)  # libjpeg's 1/2 scale: >= 2 x 256 a side
     a, b = (resize_center_crop(im, 256, 224).astype(int) for im in (full, drafted))
     assert np.abs(a - b).mean() < 3.0
+
+
+@pytest.mark.parametrize("size, shape", [(224, (375, 500)), (160, (212, 139)), (32, (36, 40))])
+def test_eval_transform_resize_is_torchvisions_resize_s_and_center_crop(size, shape):
+    from torchvision import transforms
+
+    im = photo(*shape)
+    resize, crop = eval_geometry(size, "resize")
+    assert (resize, crop) == (size, size)
+    want = np.asarray(transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])(im))
+    assert np.array_equal(resize_center_crop(im, resize, crop), want)
+    with pytest.raises(ConfigError, match="unknown evaluation transform 'fill'"):
+        eval_geometry(size, "fill")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rrc_on_encoded_bytes_is_the_reference_on_the_full_image(seed):
+    """A PNG (no draft): pixel-equal to RandomResizedCrop + flip on the decoded image."""
+    from engine.data.files import decode_rrc_flip
+
+    buf = io.BytesIO()
+    photo(300, 420, seed).save(buf, format="PNG")
+    ours = decode_rrc_flip(buf.getvalue(), "x.png", 96, np.random.default_rng(seed))
+    ref = random_resized_crop_flip(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), 96,
+                                   np.random.default_rng(seed))
+    assert ours.shape == (96, 96, 3) and np.array_equal(ours, ref)
+
+
+def test_rrc_on_a_large_jpeg_decodes_only_what_the_crop_needs(monkeypatch):
+    """The crop is drawn on the full size; libjpeg then decodes at a reduced scale that keeps
+    >= 2x the output on the crop's shorter side; the result stays close to the full decode."""
+    from engine.data import files
+
+    buf = io.BytesIO()
+    photo(1200, 1600).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    seen = []
+    real = files.decode_rgb
+    monkeypatch.setattr(files, "decode_rgb", lambda d, w, min_side=None: seen.append(real(d, w, min_side)) or seen[-1])
+    diffs, drafted = [], 0
+    for seed in range(12):
+        ours = files.decode_rrc_flip(data, "big.jpg", 112, np.random.default_rng(seed))
+        full = random_resized_crop_flip(real(data, "big.jpg"), 112, np.random.default_rng(seed))
+        params = rrc_params(np.random.default_rng(seed), 1200, 1600)
+        scale = seen[-1].size[0] / 1600
+        assert min(params[2], params[3]) * scale >= 2 * 112 or scale == 1.0  # never below 2x the output
+        drafted += scale < 1.0
+        diffs.append(np.abs(ours.astype(int) - full.astype(int)).mean())
+    assert drafted >= 6 and max(diffs) < 4.0, (drafted, diffs)
+
+
+def test_rrc_on_stored_fixed_size_images_keeps_their_shape():
+    rng = np.random.default_rng(0)
+    for shape in ((28, 28, 1), (24, 40, 3)):
+        images = rng.integers(0, 256, (5, *shape), dtype=np.uint8)
+        ids = np.arange(5) * 7
+        a = augment_batch(images, ids, "rrc-flip", seed=1, epoch=3)
+        assert a.shape == images.shape and np.array_equal(a, augment_batch(images, ids, "rrc-flip", seed=1, epoch=3))
+        assert not np.array_equal(a, augment_batch(images, ids, "rrc-flip", seed=1, epoch=4))
+        im = Image.fromarray(images[2][..., 0] if shape[2] == 1 else images[2])
+        assert np.array_equal(a[2], random_resized_crop_flip(im, shape[:2], sample_rng(1, 3, 14)))

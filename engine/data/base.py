@@ -23,6 +23,8 @@ class DataInfo:
     mean: Tuple[float, ...]              # per channel, pixel units in [0, 1]
     std: Tuple[float, ...]
     class_names: Optional[Tuple[str, ...]] = None
+    train_transform: str = "none"        # the source's default training transform (engine.data.transforms)
+    eval_transform: Optional[str] = None  # how images of any size were brought to image_shape; None: stored so
 
 
 @dataclass
@@ -102,6 +104,17 @@ class Source(abc.ABC):
         data. Resumable work (the scoring shards) is keyed by it, so data changed in place is
         scored afresh instead of being stitched to stale shards. Default: the spec."""
         return self.spec
+
+    def augment(self, images: np.ndarray, sample_ids: np.ndarray, transform: str, seed: int,
+                epoch: int) -> np.ndarray:
+        """Training transform ``transform`` for the rows ``sample_ids`` of the training split
+        whose stored (or evaluation-transformed) images are ``images`` (uint8 [B, H, W, C]):
+        uint8 [B, H, W, C], every draw from ``sample_rng(seed, epoch, sample_id)``. Default:
+        on the images given (``augment_batch``); a source of images of any size overrides it
+        where the transform must see the decoded original (``rrc-flip``)."""
+        from engine.data.transforms import augment_batch
+
+        return augment_batch(images, sample_ids, transform, seed, epoch)
 
     def arrays(self, split: str) -> ArraySplit:
         """The whole split in memory (small data). Default: read every partition."""

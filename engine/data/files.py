@@ -23,7 +23,15 @@ import pyarrow.parquet as pq
 
 from engine.data.base import DataInfo, Partition, Source, check_split, files_key, in_holdout, stable_id, validate_rows
 from engine.data.sources import DATASETS, GENERIC_MEAN, GENERIC_STD
-from engine.data.transforms import eval_geometry, resize_center_crop
+from engine.data.transforms import (
+    check_eval_transform,
+    default_train_transform,
+    eval_geometry,
+    finish_rrc_flip,
+    resize_center_crop,
+    rrc_params,
+    sample_rng,
+)
 from engine.errors import ConfigError, DataError
 
 SHAPE_KEY = b"winnow_image_shape"
@@ -229,7 +237,8 @@ class ParquetSource(Source):
                 raise DataError(f"parquet: negative label {int(labels.min())} in {self.uri!r}")
             c = shape[2]
             self._info = DataInfo(self.spec, int(labels.max()) + 1, tuple(shape),
-                                  (GENERIC_MEAN,) * c, (GENERIC_STD,) * c)
+                                  (GENERIC_MEAN,) * c, (GENERIC_STD,) * c,
+                                  train_transform=default_train_transform(min(shape[:2])))
         return self._info
 
     def num_rows(self, split: str) -> int:
@@ -303,6 +312,26 @@ def decode_rgb(data: bytes, where: str, min_side: Optional[int] = None):
         raise DataError(f"cannot decode image {where}: {exc}") from None
 
 
+def decode_rrc_flip(data: bytes, where: str, size: int, rng) -> np.ndarray:
+    """``rrc-flip`` on an encoded image -> uint8 [size, size, 3]: the crop is drawn on the full
+    image (its size read from the header), then only as much is decoded as the crop needs: a
+    JPEG at libjpeg's 1/2, 1/4 or 1/8 scale where the crop keeps at least twice ``size`` on
+    its shorter side. Otherwise (and always for other formats) it is torchvision's
+    ``RandomResizedCrop`` + flip on the full decode, pixel for pixel."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as head:
+            w, h = head.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode image {where}: {exc}") from None
+    params = rrc_params(rng, h, w)
+    crop_short = max(min(params[2], params[3]), 1)
+    # the draft keeps the crop's shorter side >= 2 x size: decode_rgb's min_side is the image's
+    min_side = math.ceil(size * min(w, h) / crop_short) if crop_short > 2 * size else None
+    return finish_rrc_flip(decode_rgb(data, where, min_side=min_side), params, size, rng)
+
+
 @lru_cache(maxsize=16)
 def _cached_fs(uri: str):
     return _filesystem(uri)
@@ -322,6 +351,7 @@ class FilesPartition(Partition):
     files: tuple
     size: int
     split: str
+    eval_transform: str = "center-crop"
 
     @property
     def num_rows(self) -> int:  # type: ignore[override]
@@ -329,7 +359,7 @@ class FilesPartition(Partition):
 
     def read(self) -> Iterator[dict]:
         fs, root = _cached_fs(self.uri)
-        resize, crop = eval_geometry(self.size)
+        resize, crop = eval_geometry(self.size, self.eval_transform)
         images = np.empty((len(self.files), crop, crop, 3), np.uint8)
         for i, (rel, _) in enumerate(self.files):
             try:
@@ -352,20 +382,25 @@ class ImageFolderSource(Source):
     the training folders' names, sorted, labelled 0..K-1 as torchvision's ``ImageFolder`` does;
     a test folder's classes must be among them. Sample ids: 63 bits of blake2b of the path
     relative to PATH (stable under re-listing; a collision is refused). Images of any size and
-    mode: decoded by content (a PNG named .JPEG decodes), made RGB, then shorter side resized and
-    center-cropped to ``size`` (option ``size=S``; default: the first training image's shorter
-    side, at most 224); see ``eval_geometry``."""
+    mode: decoded by content (a PNG named .JPEG decodes), made RGB, then brought to ``size`` x
+    ``size`` (option ``size=S``; default: the first training image's shorter side, at most 224)
+    by the evaluation transform (option ``eval=center-crop|resize``; see ``eval_geometry``).
+    Training transforms that must see the original (``rrc-flip``) decode the files again
+    (``augment``)."""
 
-    OPTIONS = {"size": int, "bad": str}
+    OPTIONS = {"size": int, "bad": str, "eval": str}
 
-    def __init__(self, arg: Optional[str], size: Optional[int] = None, bad: str = "fail"):
+    def __init__(self, arg: Optional[str], size: Optional[int] = None, bad: str = "fail",
+                 eval: str = "center-crop"):  # "eval": the option's name in the spec
         if not arg:
             raise ConfigError("imagefolder source needs a path: imagefolder:PATH")
         if size is not None and not 1 <= size <= 4096:
             raise ConfigError(f"imagefolder: size={size} must be between 1 and 4096")
         if bad not in BAD_IMAGES:
             raise ConfigError(f"imagefolder: bad={bad!r}: expected one of {', '.join(BAD_IMAGES)}")
-        opts = (f",size={size}" if size else "") + (f",bad={bad}" if bad != "fail" else "")
+        self.eval_transform = check_eval_transform(eval)
+        opts = (f",size={size}" if size else "") + (f",bad={bad}" if bad != "fail" else "") \
+            + (f",eval={eval}" if eval != "center-crop" else "")
         self.spec = f"imagefolder{opts}:{arg}"
         self.bad = bad
         self.skipped: list = []  # (relative path, reason) of the files bad=skip left out
@@ -432,6 +467,7 @@ class ImageFolderSource(Source):
                 if other != rel:
                     raise DataError(f"imagefolder: {other} and {rel} hash to the same sample_id; rename one")
         self._size = size
+        self._rel_of: Optional[dict] = None  # sample_id -> relative path of the training files (augment)
 
     def _skip_unreadable(self) -> None:
         """``bad=skip``: decode every listed file once (threads: PIL decodes without the GIL) and
@@ -491,7 +527,29 @@ class ImageFolderSource(Source):
 
     def info(self) -> DataInfo:
         return DataInfo(self.spec, len(self.classes), (self.size, self.size, 3), (GENERIC_MEAN,) * 3,
-                        (GENERIC_STD,) * 3, tuple(self.classes))
+                        (GENERIC_STD,) * 3, tuple(self.classes), train_transform=default_train_transform(self.size),
+                        eval_transform=self.eval_transform)
+
+    def augment(self, images, sample_ids, transform, seed, epoch):
+        """``rrc-flip`` crops the original: the files of ``sample_ids`` are read and decoded
+        again (``decode_rrc_flip``); the other transforms work on ``images`` (the evaluation
+        transform's output)."""
+        if transform != "rrc-flip":
+            return super().augment(images, sample_ids, transform, seed, epoch)
+        if self._rel_of is None:
+            self._rel_of = {stable_id(rel): rel for rel, _ in self.lists["train"]}
+        fs, root = _cached_fs(self.uri)
+        out = np.empty((len(sample_ids), self.size, self.size, 3), np.uint8)
+        for i, sid in enumerate(np.asarray(sample_ids, dtype=np.int64)):
+            rel = self._rel_of.get(int(sid))
+            if rel is None:
+                raise DataError(f"imagefolder: sample_id {int(sid)} is not in the training split of {self.uri!r}")
+            try:
+                data = _read_file(fs, root, rel)
+            except OSError as exc:
+                raise DataError(f"imagefolder: cannot read {rel}: {exc}") from None
+            out[i] = decode_rrc_flip(data, rel, self.size, sample_rng(seed, epoch, int(sid)))
+        return out
 
     def num_rows(self, split: str) -> int:
         return len(self.lists[check_split(split)])
@@ -499,7 +557,7 @@ class ImageFolderSource(Source):
     def partitions(self, split: str, target_rows: int = 8192) -> list[Partition]:
         files = self.lists[check_split(split)]
         size = self.size
-        return [FilesPartition(self.uri, tuple(files[i:i + target_rows]), size, split)
+        return [FilesPartition(self.uri, tuple(files[i:i + target_rows]), size, split, self.eval_transform)
                 for i in range(0, len(files), target_rows)]
 
 

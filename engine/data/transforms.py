@@ -1,8 +1,12 @@
 """Image transforms: normalisation, and the torchvision reference recipes as named transforms.
 
-Evaluation and scoring (``eval_geometry`` + ``resize_center_crop``): the shorter side resized to
-S/0.875 and a center crop of S, torchvision's ImageNet reference (``Resize`` + ``CenterCrop``);
-images of at most 64 px a side are resized to S and center-cropped (no margin).
+Evaluation and scoring, by name (``EVAL_TRANSFORMS``; ``eval_geometry`` + ``resize_center_crop``),
+for sources whose images have any size:
+
+- ``center-crop`` (the default): the shorter side resized to S/0.875 and a center crop of S,
+  torchvision's ImageNet reference (``Resize`` + ``CenterCrop``); images of at most 64 px a side
+  are resized to S and center-cropped (no margin);
+- ``resize``: the shorter side resized to S and a center crop of S (the whole shorter side kept).
 
 Training transforms, by name (``TRAIN_TRANSFORMS``):
 
@@ -28,6 +32,7 @@ from engine.errors import ConfigError
 
 SMALL_IMAGE = 64  # at most this many pixels a side: no 0.875 crop margin (CIFAR-style data)
 TRAIN_TRANSFORMS = ("none", "flip", "pad-crop-flip", "rrc-flip")
+EVAL_TRANSFORMS = ("center-crop", "resize")
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0)
 
 
@@ -46,6 +51,12 @@ def check_train_transform(name: str) -> str:
     return name
 
 
+def check_eval_transform(name: str) -> str:
+    if name not in EVAL_TRANSFORMS:
+        raise ConfigError(f"unknown evaluation transform {name!r}; known: {', '.join(EVAL_TRANSFORMS)}")
+    return name
+
+
 def default_train_transform(size: int, flippable: bool = True) -> str:
     """The reference recipe for output side ``size``: ImageNet's above 64 px, CIFAR's below;
     ``none`` for data that must not be flipped (digits)."""
@@ -61,9 +72,11 @@ def sample_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
                                   (sid >> 32) & 0xFFFFFFFF, 0x57494E4E])  # "WINN": Winnow's stream
 
 
-def eval_geometry(size: int) -> Tuple[int, int]:
-    """(resize, crop) of the evaluation transform for output side ``size``."""
-    return (size if size <= SMALL_IMAGE else int(size / 0.875)), size
+def eval_geometry(size: int, name: str = "center-crop") -> Tuple[int, int]:
+    """(resize, crop) of the evaluation transform ``name`` for output side ``size``."""
+    if check_eval_transform(name) == "resize" or size <= SMALL_IMAGE:
+        return size, size
+    return int(size / 0.875), size
 
 
 def resize_center_crop(im, resize: int, crop: int) -> np.ndarray:
@@ -107,12 +120,28 @@ def rrc_params(rng: np.random.Generator, height: int, width: int, scale=RRC_SCAL
 
 
 def random_resized_crop_flip(im, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``rrc-flip`` on a PIL image -> uint8 [size, size, C]."""
+    """``rrc-flip`` on a PIL image -> uint8 [size, size, C] (C=1 for a grayscale image).
+    Draws: the crop (``rrc_params``), then the flip."""
+    return finish_rrc_flip(im, rrc_params(rng, im.size[1], im.size[0]), size, rng)
+
+
+def finish_rrc_flip(im, params: tuple, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The crop ``params`` (top, left, h, w, in the full image's pixels) of PIL image ``im``
+    resized to ``size`` x ``size`` (or ``size`` = (height, width); bilinear), then flipped with probability 1/2 (``rng``'s
+    next draw). ``im`` may be a reduced-scale decode of the full image (``decode_rgb``'s draft,
+    ``im.info["full_size"]``): the crop box is then scaled to it."""
     from PIL import Image
 
-    top, left, h, w = rrc_params(rng, im.size[1], im.size[0])
-    out = im.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+    top, left, h, w = params
+    out_wh = (size, size) if isinstance(size, int) else (int(size[1]), int(size[0]))
+    fw, fh = im.info.get("full_size", im.size)
+    if im.size == (fw, fh):  # exactly torchvision's F.resized_crop: crop, then resize the crop alone
+        out = im.crop((left, top, left + w, top + h)).resize(out_wh, Image.BILINEAR)
+    else:
+        sx, sy = im.size[0] / fw, im.size[1] / fh
+        out = im.resize(out_wh, Image.BILINEAR, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
     arr = np.asarray(out, dtype=np.uint8)
+    arr = arr[..., None] if arr.ndim == 2 else arr
     return arr[:, ::-1].copy() if rng.random() < 0.5 else arr
 
 
@@ -126,18 +155,31 @@ def pad_crop_flip(image: np.ndarray, rng: np.random.Generator, pad: int = 4) -> 
 
 
 def augment_batch(images: np.ndarray, sample_ids: np.ndarray, name: str, seed: int, epoch: int) -> np.ndarray:
-    """A training transform that works on decoded fixed-size images (``none``, ``flip``,
-    ``pad-crop-flip``) applied to a uint8 [N, H, W, C] batch, each sample by its own stream."""
+    """Training transform ``name`` applied to a uint8 [N, H, W, C] batch of stored images,
+    each sample by its own stream; the output has the input's shape. ``rrc-flip`` crops the
+    stored image and resizes the crop back to H x W (for sources whose images have one fixed
+    size; a source of images of any size crops the decoded original instead: ``Source.augment``)."""
+    from PIL import Image
+
     check_train_transform(name)
     if name == "none":
         return images
-    if name == "rrc-flip":
-        raise ConfigError("rrc-flip crops the decoded image before any resize: it runs where images are decoded")
+    images = np.asarray(images)
     out = np.empty_like(images)
     for i, (image, sid) in enumerate(zip(images, sample_ids)):
         rng = sample_rng(seed, epoch, int(sid))
         if name == "flip":
             out[i] = image[:, ::-1] if rng.random() < 0.5 else image
-        else:
+        elif name == "pad-crop-flip":
             out[i] = pad_crop_flip(image, rng)
+        else:
+            im = Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
+            out[i] = random_resized_crop_flip(im, image.shape[:2], rng)
     return out
+
+
+def transforms_of(train_transform, info) -> dict:
+    """The transforms a run used, for provenance: training (the one asked for, else the
+    source's default), evaluation (None: images stored at their size) and the image size."""
+    return {"train": train_transform or info.train_transform, "eval": info.eval_transform,
+            "image_size": list(info.image_shape[:2])}

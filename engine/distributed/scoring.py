@@ -37,8 +37,12 @@ def _train_proxy(cfg: ScoreConfig, seed: int, checkpoint_epochs: tuple):
         return ProxyRun(seed, {0: state}, np.zeros((0, 0), dtype=bool), empty, [], empty)
     split = source.arrays("train")
     device = pick_device(cfg.gpus_per_actor)
-    return fit_proxy(split, source.info(), cfg.model, cfg.optim, cfg.epochs, seed,
-                     checkpoint_epochs, device)
+    info = source.info()
+    transform = cfg.train_transform or info.train_transform
+    augment = None if transform == "none" else \
+        (lambda idx, epoch: source.augment(split.image[idx], split.sample_id[idx], transform, seed, epoch))
+    return fit_proxy(split, info, cfg.model, cfg.optim, cfg.epochs, seed, checkpoint_epochs, device,
+                     augment=augment)
 
 
 def train_proxies(cfg: ScoreConfig, checkpoint_epochs: tuple) -> list:

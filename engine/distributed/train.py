@@ -88,6 +88,7 @@ def _train_loop(loop_cfg: dict) -> None:
             weight = weight / weight.mean()
         n_rows = len(train)
     test = source.arrays("test") if rank == 0 else None
+    transform = cfg.train_transform or info.train_transform
 
     seed_everything(cfg.seed)
     model = build_model(cfg.model, info.image_shape[2], info.num_classes, info.image_shape[0], **cfg.model_options)
@@ -109,7 +110,7 @@ def _train_loop(loop_cfg: dict) -> None:
         state = {**saved["counters"], "restarts": saved["counters"].get("restarts", 0) + 1}
         if rank == 0:
             print(f"train: resuming after pass {state['epoch']}/{passes} from its checkpoint", flush=True)
-    if device.type == "cuda" and not stream:
+    if device.type == "cuda" and not stream and transform == "none":  # augmentation runs on the host
         train = _to_device(train, device)
         _warm_up(model, train, info, device, penalty)
     sample_w = weight if (weight is not None and cfg.weighting == "loss") else None
@@ -119,7 +120,8 @@ def _train_loop(loop_cfg: dict) -> None:
         t0 = time.time()
         if stream:
             steps, seen, loss = _stream_pass(model, opt, sched, info, device, penalty, cfg, epoch,
-                                             total_steps - state["steps"], n_rows, world)
+                                             total_steps - state["steps"], n_rows, world,
+                                             _stream_augment(source, transform, cfg.seed, epoch))
         else:
             if weight is not None and cfg.weighting == "sampling":
                 batches = weighted_batches(weight, global_batch, cfg.seed, epoch)
@@ -128,7 +130,8 @@ def _train_loop(loop_cfg: dict) -> None:
             batches = batches[: total_steps - state["steps"]]
             mine = [b[rank * B:(rank + 1) * B] for b in batches]
             mine = [b for b in mine if len(b)]
-            loss, _ = train_epoch(model, opt, sched, train, info, mine, device, sample_w, penalty)
+            loss, _ = train_epoch(model, opt, sched, train, info, mine, device, sample_w, penalty,
+                                  _array_augment(source, train, transform, cfg.seed, epoch))
             steps, seen = len(batches), int(sum(len(b) for b in batches))
         state["train_time_s"] += time.time() - t0
         state["steps"] += steps
@@ -161,8 +164,25 @@ def _train_loop(loop_cfg: dict) -> None:
             ray.train.report({"final": True})
 
 
+def _array_augment(source, train, transform: str, seed: int, epoch: int):
+    """``positions -> images`` of one pass over an in-memory split, or None (no transform).
+    Draws depend on (seed, pass, sample_id) only: a resumed run, another worker count or
+    another batch size sees the same augmented image of a sample in a pass."""
+    if transform == "none":
+        return None
+    return lambda idx: source.augment(train.image[idx], train.sample_id[idx], transform, seed, epoch)
+
+
+def _stream_augment(source, transform: str, seed: int, epoch: int):
+    """The same for streamed batches (which carry their ``sample_id``)."""
+    if transform == "none":
+        return None
+    return lambda batch: source.augment(np.asarray(batch["image"]), np.asarray(batch["sample_id"]), transform,
+                                        seed, epoch)
+
+
 def _stream_pass(model, opt, sched, info, device, penalty, cfg: TrainConfig, epoch: int, steps_left: int,
-                 n_rows: int, world: int) -> tuple:
+                 n_rows: int, world: int, augment=None) -> tuple:
     """One pass over this worker's Ray Data shard (rows shuffled within a local buffer, seeded
     by seed and pass). Returns (global steps, global rows, this worker's mean loss). Every
     worker's shard has the same number of rows (Ray Train splits with ``equal=True``), so they
@@ -172,9 +192,13 @@ def _stream_pass(model, opt, sched, info, device, penalty, cfg: TrainConfig, epo
 
     B = cfg.optim.batch_size
     shard = ray.train.get_dataset_shard("train")
-    batches = shard.iter_torch_batches(batch_size=B, local_shuffle_buffer_size=max(8 * B, 2048),
-                                       local_shuffle_seed=cfg.seed * 100_003 + epoch)
-    loss, rows, steps = train_stream_epoch(model, opt, sched, batches, info, device, penalty, steps_left)
+    if augment is None:
+        batches = shard.iter_torch_batches(batch_size=B, local_shuffle_buffer_size=max(8 * B, 2048),
+                                           local_shuffle_seed=cfg.seed * 100_003 + epoch)
+    else:  # the transform works on numpy images and needs each row's sample_id
+        batches = shard.iter_batches(batch_size=B, batch_format="numpy", local_shuffle_buffer_size=max(8 * B, 2048),
+                                     local_shuffle_seed=cfg.seed * 100_003 + epoch)
+    loss, rows, steps = train_stream_epoch(model, opt, sched, batches, info, device, penalty, steps_left, augment)
     counts = torch.tensor([rows, steps], dtype=torch.int64, device=device)
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
@@ -205,7 +229,7 @@ def train_dataset(source, ids: Optional[np.ndarray], weight: Optional[np.ndarray
 
 
 def _with_unit_weight(batch: dict) -> dict:
-    return {"image": batch["image"], "label": batch["label"],
+    return {"sample_id": batch["sample_id"], "image": batch["image"], "label": batch["label"],
             "weight": np.ones(len(batch["label"]), dtype=np.float32)}
 
 
@@ -214,7 +238,8 @@ def _subset_rows(batch: dict, ids: np.ndarray, weight: np.ndarray) -> dict:
     sid = np.asarray(batch["sample_id"], dtype=np.int64)
     pos = np.clip(np.searchsorted(ids, sid), 0, len(ids) - 1)
     keep = ids[pos] == sid
-    return {"image": batch["image"][keep], "label": batch["label"][keep], "weight": weight[pos[keep]]}
+    return {"sample_id": sid[keep], "image": batch["image"][keep], "label": batch["label"][keep],
+            "weight": weight[pos[keep]]}
 
 
 def _to_device(train, device: torch.device, limit_bytes: int = 2 << 30):

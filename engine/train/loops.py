@@ -102,6 +102,7 @@ def train_epoch(
     device: torch.device,
     weight: Optional[np.ndarray] = None,
     penalty: Optional[Callable] = None,
+    images: Optional[Callable[[np.ndarray], np.ndarray]] = None,
 ) -> tuple[float, np.ndarray]:
     """One pass over ``batches`` (arrays of positions into ``split``).
 
@@ -117,6 +118,9 @@ def train_epoch(
     ``split`` may hold torch tensors already on ``device`` (the GPU path of Ray Train keeps a
     small training set there) instead of numpy arrays.
 
+    ``images``: optional ``positions -> uint8 [B, H, W, C]``, the training transform of this
+    pass (``Source.augment`` for this epoch); default: ``split.image`` as stored.
+
     Returns (mean loss over the pass, correct: bool [N] with each visited sample's
     correctness in its own minibatch, as forgetting scores need; unvisited stay False).
     """
@@ -126,7 +130,7 @@ def train_epoch(
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for idx in batches:
-        x = batch_to_input(split.image[idx], info, device)
+        x = batch_to_input(split.image[idx] if images is None else images(idx), info, device)
         y = torch.as_tensor(split.label[idx], device=device)
         w = None if weight is None else torch.as_tensor(weight[idx], device=device)
         logits, loss = train_step(model, opt, sched, x, y, w, penalty)
@@ -155,16 +159,18 @@ def train_step(model: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, w
 
 
 def train_stream_epoch(model: nn.Module, opt, sched, batches: Iterable[dict], info: DataInfo, device: torch.device,
-                       penalty: Optional[Callable] = None, max_steps: Optional[int] = None) -> tuple[float, int, int]:
+                       penalty: Optional[Callable] = None, max_steps: Optional[int] = None,
+                       augment: Optional[Callable[[dict], np.ndarray]] = None) -> tuple[float, int, int]:
     """One pass over streamed dict batches ``{"image" uint8 [B, H, W, C], "label", "weight"}``
-    (a Ray Data shard), at most ``max_steps`` steps. Returns (mean loss, rows, steps)."""
+    (a Ray Data shard), at most ``max_steps`` steps; ``augment``: optional ``batch -> uint8
+    images``, the training transform of this pass. Returns (mean loss, rows, steps)."""
     model.train()
     total = torch.zeros((), dtype=torch.float64, device=device)
     rows = steps = 0
     for batch in batches:
         if max_steps is not None and steps >= max_steps:
             break
-        x = batch_to_input(batch["image"], info, device)
+        x = batch_to_input(batch["image"] if augment is None else augment(batch), info, device)
         y = torch.as_tensor(batch["label"], device=device).long()
         w = torch.as_tensor(batch["weight"], device=device) if "weight" in batch else None
         _, loss = train_step(model, opt, sched, x, y, w, penalty)
@@ -233,9 +239,13 @@ def fit_proxy(
     checkpoint_epochs: Iterable[int],
     device: torch.device,
     log: Callable[[str], None] = print,
+    augment: Optional[Callable[[np.ndarray, int], np.ndarray]] = None,
 ) -> ProxyRun:
     """Train one proxy model from seed ``seed`` for ``epochs`` epochs on ``split``, keeping
-    CPU copies of the weights at each epoch in ``checkpoint_epochs`` (0 = at init)."""
+    CPU copies of the weights at each epoch in ``checkpoint_epochs`` (0 = at init).
+    ``augment``: optional ``(positions, epoch) -> uint8 images``, the training transform
+    (``Source.augment``); the correctness history is taken on the augmented minibatches, as
+    forgetting scores are in Toneva et al."""
     seed_everything(seed)
     model = build_model(model_name, info.image_shape[2], info.num_classes, info.image_shape[0]).to(device)
     steps = epochs * math.ceil(len(split) / optim.batch_size)
@@ -245,7 +255,8 @@ def fit_proxy(
     history, losses = [], []
     for epoch in range(1, epochs + 1):
         batches = shuffled_batches(len(split), optim.batch_size, seed, epoch)
-        loss, correct = train_epoch(model, opt, sched, split, info, batches, device)
+        images = None if augment is None else (lambda idx, e=epoch: augment(idx, e))
+        loss, correct = train_epoch(model, opt, sched, split, info, batches, device, images=images)
         history.append(correct)
         losses.append(loss)
         log(f"proxy seed {seed}: epoch {epoch}/{epochs} loss {loss:.4f} train-acc {correct.mean():.3f}")
