@@ -3,7 +3,7 @@
     .venv/bin/python bench/decode.py [--n 300] [--repeat 3]
 
 Three ways over the same generated JPEGs (quality 90, smooth content with noise, as photos
-are): Winnow's (``engine.data.files.decode_rgb`` with PIL's draft mode + ``resize_center_crop``),
+are): Winnow's (``engine.data.images.decode_rgb`` with PIL's draft mode + ``resize_center_crop``),
 a plain PIL loop (full decode, ``convert("RGB")``, torchvision's ``Resize(256)`` +
 ``CenterCrop(224)`` on the PIL image), and ``torchvision.io.decode_jpeg`` + the same transform
 on uint8 tensors. Two image sizes: ImageNet's typical 500x375, and 1024x768 (where libjpeg's
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from torchvision import transforms
     from torchvision.transforms.v2 import functional as F2
 
-    from engine.data.files import decode_rgb
+    from engine.data.images import decode_rgb
     from engine.data.transforms import eval_geometry, resize_center_crop
 
     torch.set_num_threads(1)

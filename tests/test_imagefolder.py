@@ -204,9 +204,9 @@ def test_skip_leaves_out_what_does_not_decode_and_caches_the_verdicts(tmp_path, 
     assert stable_id(odd["truncated"]) not in src.arrays("train").sample_id
     assert len(list((tmp_path / "cache" / "bad-images").iterdir())) == 1
     # a second opening of the same spec (a Ray worker, a rerun) reads the verdicts, decodes nothing
-    import engine.data.files as files
+    import engine.data.images as images
 
-    monkeypatch.setattr(files, "decode_rgb", lambda *a: pytest.fail("decoded again"))
+    monkeypatch.setattr(images, "decode_rgb", lambda *a: pytest.fail("decoded again"))
     again = load_source(f"imagefolder,size=16,bad=skip:{tmp_path / 't'}")
     assert again.skipped == src.skipped and again.lists == src.lists
 

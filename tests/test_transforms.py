@@ -99,7 +99,7 @@ def test_augmentation_is_reproducible_per_sample_and_differs_across_epochs():
 
 
 def test_draft_decoding_is_smaller_and_close_to_the_full_decode():
-    from engine.data.files import decode_rgb
+    from engine.data.images import decode_rgb
 
     buf = io.BytesIO()
     photo(1200, 1600).save(buf, format="JPEG", quality=90)
@@ -126,7 +126,7 @@ def test_eval_transform_resize_is_torchvisions_resize_s_and_center_crop(size, sh
 @pytest.mark.parametrize("seed", range(4))
 def test_rrc_on_encoded_bytes_is_the_reference_on_the_full_image(seed):
     """A PNG (no draft): pixel-equal to RandomResizedCrop + flip on the decoded image."""
-    from engine.data.files import decode_rrc_flip
+    from engine.data.images import decode_rrc_flip
 
     buf = io.BytesIO()
     photo(300, 420, seed).save(buf, format="PNG")
@@ -139,7 +139,7 @@ def test_rrc_on_encoded_bytes_is_the_reference_on_the_full_image(seed):
 def test_rrc_on_a_large_jpeg_decodes_only_what_the_crop_needs(monkeypatch):
     """The crop is drawn on the full size; libjpeg then decodes at a reduced scale that keeps
     >= 2x the output on the crop's shorter side; the result stays close to the full decode."""
-    from engine.data import files
+    from engine.data import images as files
 
     buf = io.BytesIO()
     photo(1200, 1600).save(buf, format="JPEG", quality=90)

@@ -9,7 +9,6 @@ the row (parquet) or the relative path (imagefolder): 63 bits of blake2b.
 from __future__ import annotations
 
 import io
-import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,16 +21,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine.data.base import DataInfo, Partition, Source, check_split, files_key, in_holdout, stable_id, validate_rows
+from engine.data.images import EncodedImages, decode_part, find_bad_images
 from engine.data.sources import DATASETS, GENERIC_MEAN, GENERIC_STD
-from engine.data.transforms import (
-    check_eval_transform,
-    default_train_transform,
-    eval_geometry,
-    finish_rrc_flip,
-    resize_center_crop,
-    rrc_params,
-    sample_rng,
-)
+from engine.data.transforms import default_train_transform
 from engine.errors import ConfigError, DataError
 
 SHAPE_KEY = b"winnow_image_shape"
@@ -282,54 +274,6 @@ class ParquetSource(Source):
 # torchvision.datasets.folder.IMG_EXTENSIONS, matched case-insensitively as ImageFolder does
 FOLDER_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TEST_DIRS = ("val", "test")  # ILSVRC names its held-out split val/
-BAD_IMAGES = ("fail", "skip")  # a file that does not decode: stop with one line, or leave it out (listed)
-def decode_rgb(data: bytes, where: str, min_side: Optional[int] = None):
-    """Encoded bytes (by content, whatever the file's name says) -> an RGB PIL image, as
-    torchvision's loader makes it (grayscale, CMYK, palette and RGBA converted). A truncated
-    file, a decompression bomb or anything PIL cannot read is a DataError naming ``where``.
-    ``min_side``: the shorter side the image is headed for; a JPEG is then decoded by libjpeg
-    at 1/2, 1/4 or 1/8 scale where that still leaves at least twice ``min_side`` (PIL's draft
-    mode: most of the decode cost of a large JPEG bound for a small size disappears)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        # not closed: an in-memory buffer holds no file, and closing would free the pixels (a copy)
-        im = Image.open(io.BytesIO(data))
-        full_size = im.size
-        if min_side:
-            w, h = im.size
-            short = max(min(w, h), 1)
-            # keep at least twice the target: the bilinear resize that follows still averages
-            # over >= 2 decoded pixels per output pixel, so the result stays near a full decode
-            want = 2 * min_side
-            im.draft("RGB", (math.ceil(w * want / short), math.ceil(h * want / short)))
-        im.load()
-        out = im.convert("RGB") if im.mode != "RGB" else im
-        if out.size != full_size:
-            out.info["full_size"] = full_size
-        return out
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image {where}: {exc}") from None
-
-
-def decode_rrc_flip(data: bytes, where: str, size: int, rng) -> np.ndarray:
-    """``rrc-flip`` on an encoded image -> uint8 [size, size, 3]: the crop is drawn on the full
-    image (its size read from the header), then only as much is decoded as the crop needs: a
-    JPEG at libjpeg's 1/2, 1/4 or 1/8 scale where the crop keeps at least twice ``size`` on
-    its shorter side. Otherwise (and always for other formats) it is torchvision's
-    ``RandomResizedCrop`` + flip on the full decode, pixel for pixel."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as head:
-            w, h = head.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image {where}: {exc}") from None
-    params = rrc_params(rng, h, w)
-    crop_short = max(min(params[2], params[3]), 1)
-    # the draft keeps the crop's shorter side >= 2 x size: decode_rgb's min_side is the image's
-    min_side = math.ceil(size * min(w, h) / crop_short) if crop_short > 2 * size else None
-    return finish_rrc_flip(decode_rgb(data, where, min_side=min_side), params, size, rng)
 
 
 @lru_cache(maxsize=16)
@@ -340,6 +284,15 @@ def _cached_fs(uri: str):
 def _read_file(fs, root: str, rel: str) -> bytes:
     with fs.open_input_file(f"{root.rstrip('/')}/{rel}") as fh:
         return fh.read()
+
+
+def _read_listed(uri: str, rel: str) -> bytes:
+    """The bytes of a listed image file; DataError naming it if it cannot be read."""
+    fs, root = _cached_fs(uri)
+    try:
+        return _read_file(fs, root, rel)
+    except OSError as exc:
+        raise DataError(f"imagefolder: cannot read {rel}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -358,24 +311,13 @@ class FilesPartition(Partition):
         return len(self.files)
 
     def read(self) -> Iterator[dict]:
-        fs, root = _cached_fs(self.uri)
-        resize, crop = eval_geometry(self.size, self.eval_transform)
-        images = np.empty((len(self.files), crop, crop, 3), np.uint8)
-        for i, (rel, _) in enumerate(self.files):
-            try:
-                data = _read_file(fs, root, rel)
-            except OSError as exc:
-                raise DataError(f"imagefolder: cannot read {rel}: {exc}") from None
-            try:
-                images[i] = resize_center_crop(decode_rgb(data, rel, min_side=resize), resize, crop)
-            except DataError as exc:
-                raise DataError(f"imagefolder: {exc} ({i} image(s) of this {len(self.files)}-file part of the "
-                                f"{self.split} split read before it)") from None
+        items = [(rel, _read_listed(self.uri, rel)) for rel, _ in self.files]
+        images = decode_part(items, self.size, self.eval_transform, "imagefolder", self.split)
         yield {"sample_id": np.array([stable_id(rel) for rel, _ in self.files], dtype=np.int64),
                "image": images, "label": np.array([lab for _, lab in self.files], dtype=np.int64)}
 
 
-class ImageFolderSource(Source):
+class ImageFolderSource(EncodedImages, Source):
     """``imagefolder:PATH_OR_URI`` (a local path, ``file://``, ``s3://``, ``gs://``: any
     filesystem pyarrow knows): one folder per class, ``PATH/<class>/**/<image>``, or the ILSVRC
     layout ``PATH/train/<class>/...`` beside ``PATH/val/<class>/...`` (or ``test/``). Classes are
@@ -388,22 +330,11 @@ class ImageFolderSource(Source):
     Training transforms that must see the original (``rrc-flip``) decode the files again
     (``augment``)."""
 
-    OPTIONS = {"size": int, "bad": str, "eval": str}
-
     def __init__(self, arg: Optional[str], size: Optional[int] = None, bad: str = "fail",
                  eval: str = "center-crop"):  # "eval": the option's name in the spec
         if not arg:
             raise ConfigError("imagefolder source needs a path: imagefolder:PATH")
-        if size is not None and not 1 <= size <= 4096:
-            raise ConfigError(f"imagefolder: size={size} must be between 1 and 4096")
-        if bad not in BAD_IMAGES:
-            raise ConfigError(f"imagefolder: bad={bad!r}: expected one of {', '.join(BAD_IMAGES)}")
-        self.eval_transform = check_eval_transform(eval)
-        opts = (f",size={size}" if size else "") + (f",bad={bad}" if bad != "fail" else "") \
-            + (f",eval={eval}" if eval != "center-crop" else "")
-        self.spec = f"imagefolder{opts}:{arg}"
-        self.bad = bad
-        self.skipped: list = []  # (relative path, reason) of the files bad=skip left out
+        self.spec = f"imagefolder{self._image_options('imagefolder', size, bad, eval)}:{arg}"
         self.uri = arg
         self.fs, self.root = _filesystem(arg)
         self.root = self.root.rstrip("/") or "/"
@@ -466,90 +397,49 @@ class ImageFolderSource(Source):
                 other = seen.setdefault(stable_id(rel), rel)
                 if other != rel:
                     raise DataError(f"imagefolder: {other} and {rel} hash to the same sample_id; rename one")
-        self._size = size
         self._rel_of: Optional[dict] = None  # sample_id -> relative path of the training files (augment)
 
     def _skip_unreadable(self) -> None:
-        """``bad=skip``: decode every listed file once (threads: PIL decodes without the GIL) and
-        leave out those that fail, recording them in ``skipped``. The verdicts are cached on disk
-        by the files' names, sizes and modification times, so the Ray workers that open the same
-        spec (and reruns) do not decode everything again."""
-        import contextlib
-        import hashlib
-        import json
-        from concurrent.futures import ThreadPoolExecutor
-
-        from engine.storage import cache_root
-
+        """``bad=skip``: decode every listed file once (``find_bad_images``, cached) and leave
+        out those that fail, recording them in ``skipped``."""
         everything = sorted(rel for split in ("train", "test") for rel, _ in self.lists[split])
-        h = hashlib.sha256(self.uri.encode())
-        for rel in everything:
-            h.update(f"{rel}\0{self._stats[rel][0]}\0{self._stats[rel][1]}\n".encode())
-        cache = cache_root() / "bad-images"
-        cache_file = cache / f"{h.hexdigest()[:32]}.json"
-        verdicts = None
-        with contextlib.suppress(OSError, ValueError):  # no cache yet, or a damaged one: decode
-            verdicts = json.loads(cache_file.read_text())
-        if not isinstance(verdicts, dict) or not all(isinstance(v, str) for v in verdicts.values()):
+        identity = self.uri + "".join(f"\n{rel}\0{self._stats[rel][0]}\0{self._stats[rel][1]}" for rel in everything)
 
-            def check(rel: str) -> Optional[str]:
+        def one(rel):
+            def read():
                 try:
-                    decode_rgb(_read_file(self.fs, self.root, rel), rel)
-                except (DataError, OSError) as exc:
-                    return str(exc)
-                return None
+                    return [(rel, _read_file(self.fs, self.root, rel))]
+                except OSError as exc:
+                    return [(rel, f"cannot read {rel}: {exc}")]
+            return read
 
-            with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-                verdicts = {rel: why for rel, why in zip(everything, pool.map(check, everything)) if why}
-            try:
-                from engine.artifacts import atomic_write_bytes
-
-                cache.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(cache_file, json.dumps(verdicts, sort_keys=True).encode())
-            except OSError:
-                pass  # a read-only home: the verdicts are recomputed where needed
+        verdicts = find_bad_images(identity, [one(rel) for rel in everything])
         self.skipped = sorted(verdicts.items())
         for split in ("train", "test"):
             self.lists[split] = [(rel, lab) for rel, lab in self.lists[split] if rel not in verdicts]
         if not self.lists["train"]:
             raise DataError(f"imagefolder: none of the {len(everything)} image(s) under {self.uri!r} decodes")
 
-    @property
-    def size(self) -> int:
-        if self._size is None:
-            rel = self.lists["train"][0][0]
-            w, h = decode_rgb(_read_file(self.fs, self.root, rel), rel).size
-            self._size = min(224, w, h)
-        return self._size
+    def _first_train_image(self):
+        rel = self.lists["train"][0][0]
+        return rel, _read_listed(self.uri, rel)
+
+    def _encoded_by_id(self, sample_ids):
+        if self._rel_of is None:
+            self._rel_of = {stable_id(rel): rel for rel, _ in self.lists["train"]}
+        out = []
+        for sid in sample_ids:
+            rel = self._rel_of.get(int(sid))
+            if rel is None:
+                raise DataError(f"imagefolder: sample_id {int(sid)} is not in the training split of {self.uri!r}")
+            out.append((rel, _read_listed(self.uri, rel)))
+        return out
 
     def content_key(self) -> str:
         return files_key(self.spec, ((f"{rel}:{label}", *self._stats[rel]) for rel, label in self.lists["train"]))
 
     def info(self) -> DataInfo:
-        return DataInfo(self.spec, len(self.classes), (self.size, self.size, 3), (GENERIC_MEAN,) * 3,
-                        (GENERIC_STD,) * 3, tuple(self.classes), train_transform=default_train_transform(self.size),
-                        eval_transform=self.eval_transform)
-
-    def augment(self, images, sample_ids, transform, seed, epoch):
-        """``rrc-flip`` crops the original: the files of ``sample_ids`` are read and decoded
-        again (``decode_rrc_flip``); the other transforms work on ``images`` (the evaluation
-        transform's output)."""
-        if transform != "rrc-flip":
-            return super().augment(images, sample_ids, transform, seed, epoch)
-        if self._rel_of is None:
-            self._rel_of = {stable_id(rel): rel for rel, _ in self.lists["train"]}
-        fs, root = _cached_fs(self.uri)
-        out = np.empty((len(sample_ids), self.size, self.size, 3), np.uint8)
-        for i, sid in enumerate(np.asarray(sample_ids, dtype=np.int64)):
-            rel = self._rel_of.get(int(sid))
-            if rel is None:
-                raise DataError(f"imagefolder: sample_id {int(sid)} is not in the training split of {self.uri!r}")
-            try:
-                data = _read_file(fs, root, rel)
-            except OSError as exc:
-                raise DataError(f"imagefolder: cannot read {rel}: {exc}") from None
-            out[i] = decode_rrc_flip(data, rel, self.size, sample_rng(seed, epoch, int(sid)))
-        return out
+        return self.image_info(len(self.classes), self.classes)
 
     def num_rows(self, split: str) -> int:
         return len(self.lists[check_split(split)])
