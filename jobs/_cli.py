@@ -151,15 +151,15 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     from engine.data.transforms import EVAL_TRANSFORMS
 
     p.add_argument("--image-size", type=int, default=None, metavar="S",
-                   help="images of any size (imagefolder) are brought to S x S: shorter side resized to S/0.875 "
+                   help="images of any size (imagefolder, parquet of image files, webdataset) are brought to S x S: shorter side resized to S/0.875 "
                         "(to S at 64 px or less) and center-cropped, as torchvision's ImageNet reference does "
                         "(default: the first training image's shorter side, at most 224)")
     p.add_argument("--eval-transform", choices=EVAL_TRANSFORMS, default=None,
-                   help="how images of any size (imagefolder) are brought to S x S for scoring and evaluation: "
+                   help="how images of any size (imagefolder, parquet, webdataset) are brought to S x S for scoring and evaluation: "
                         "center-crop (the default: shorter side to S/0.875, center crop S) or resize (shorter side "
                         "to S, center crop S)")
     p.add_argument("--bad-images", choices=("fail", "skip"), default=None,
-                   help="an image file that does not decode (imagefolder): fail (the default: one line naming "
+                   help="an image that does not decode (imagefolder, parquet, webdataset): fail (the default: one line naming "
                         "it, exit 2, nothing written) or skip (left out; listed in OUT/skipped_images.tsv, "
                         "counted in the summary and the provenance)")
 

@@ -80,3 +80,55 @@ def pil_rgb(root: Path, rel: str, size: Optional[int] = None):
 
     with Image.open(root / rel) as im:
         return im.convert("RGB")
+
+
+def tree_files(root: Path) -> dict:
+    """{split ("train"/"val"): [(relative path, wnid)]} of an ILSVRC-layout tree, sorted."""
+    out = {}
+    for split in ("train", "val"):
+        out[split] = sorted((p.relative_to(root).as_posix(), p.parent.name)
+                            for p in (root / split).rglob("*") if p.is_file())
+    return out
+
+
+def to_hf_parquet(root: Path, out: Path, rows_per_group: int = 7) -> None:
+    """The tree in the Hugging Face ``datasets`` layout: ``train-00000-of-00001.parquet`` and
+    ``validation-...``, ``image`` a struct of the file's bytes and its relative path, ``label``
+    an int64, the ClassLabel names in the ``huggingface`` metadata."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = tree_files(root)
+    classes = sorted({c for _, c in files["train"]})
+    meta = {"info": {"features": {"image": {"_type": "Image"},
+                                  "label": {"names": classes, "_type": "ClassLabel"}}}}
+    out.mkdir(parents=True, exist_ok=True)
+    for split, name in (("train", "train"), ("val", "validation")):
+        image = pa.array([{"bytes": (root / rel).read_bytes(), "path": rel} for rel, _ in files[split]],
+                         pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        label = pa.array([classes.index(c) for _, c in files[split]], pa.int64())
+        table = pa.table({"image": image, "label": label}).replace_schema_metadata(
+            {b"huggingface": json.dumps(meta).encode()})
+        pq.write_table(table, out / f"{name}-00000-of-00001.parquet", row_group_size=rows_per_group)
+
+
+def to_webdataset(root: Path, out: Path, per_shard: int = 5) -> None:
+    """The tree as WebDataset shards ``train-000.tar``, ... and ``val-000.tar``: members named
+    by the relative path (``train/<wnid>/<name>.JPEG`` beside ``train/<wnid>/<name>.cls``)."""
+    import tarfile
+
+    files = tree_files(root)
+    classes = sorted({c for _, c in files["train"]})
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        rows = files[split]
+        for s, i in enumerate(range(0, len(rows), per_shard)):
+            with tarfile.open(out / f"{split}-{s:03d}.tar", "w") as tar:
+                for rel, c in rows[i:i + per_shard]:
+                    tar.add(root / rel, arcname=rel)
+                    data = str(classes.index(c)).encode()
+                    info = tarfile.TarInfo(rel.rsplit(".", 1)[0] + ".cls")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))

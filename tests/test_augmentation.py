@@ -90,7 +90,7 @@ def test_train_transform_flag_is_checked(run_job, tmp_path):
     code, _, err = run_job(train, ["--data", "digits", "--train-transform", "mixup", "--out", tmp_path / "t"])
     assert code == 2 and "argument --train-transform: invalid choice: 'mixup'" in err, err
     code, _, err = run_job(train, ["--data", "digits", "--eval-transform", "resize", "--out", tmp_path / "t"])
-    assert code == 2 and "--eval-transform applies to imagefolder: sources, not 'digits'" in err, err
+    assert code == 2 and "--eval-transform applies to imagefolder:, parquet:, webdataset: sources, not 'digits'" in err, err
     assert not (tmp_path / "t").exists()
 
 

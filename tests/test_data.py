@@ -49,6 +49,26 @@ def image_folder(root: Path, n_per_class=6, classes=("cat", "dog", "eel")) -> Pa
     return root
 
 
+def shards(folder: Path, out: Path, per_shard: int = 7) -> Path:
+    """The image folder's files as WebDataset shards ``shard-000.tar``, ... (a ``.cls`` per image)."""
+    import io
+    import tarfile
+
+    files = sorted(p for p in folder.rglob("*.png"))
+    classes = sorted({p.parent.name for p in files})
+    out.mkdir(parents=True)
+    for s, i in enumerate(range(0, len(files), per_shard)):
+        with tarfile.open(out / f"shard-{s:03d}.tar", "w") as tar:
+            for p in files[i:i + per_shard]:
+                rel = p.relative_to(folder).as_posix()
+                tar.add(p, arcname=rel)
+                data = str(classes.index(p.parent.name)).encode()
+                info = tarfile.TarInfo(rel[:-4] + ".cls")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return out
+
+
 @pytest.fixture
 def specs(tmp_path):
     """A spec for every registered dataset, built from small files where it needs files."""
@@ -62,6 +82,7 @@ def specs(tmp_path):
         "parquet": f"parquet:{pq_path}",
         "imagefolder": f"imagefolder:{image_folder(tmp_path / 'if')}",
         "synthetic": "synthetic:5000,8x8,3",
+        "webdataset": f"webdataset:{shards(tmp_path / 'if', tmp_path / 'wds')}/shard-{{000..002}}.tar",
     }
     assert set(out) == set(DATASETS.names()), "every registered dataset needs a case here"
     return out
@@ -89,7 +110,7 @@ def test_source_contract(specs, name):
         np.testing.assert_array_equal(again.sample_id, rows.sample_id)
         np.testing.assert_array_equal(again.image, rows.image)
         seen[split] = rows.sample_id
-    if name in ("digits", "parquet", "imagefolder", "synthetic"):  # one id space for both splits
+    if name in ("digits", "parquet", "imagefolder", "synthetic", "webdataset"):  # one id space for both splits
         assert not np.intersect1d(seen["train"], seen["test"]).size
 
 

@@ -215,9 +215,9 @@ def test_bad_images_flag_is_checked(run_job, tmp_path):
     from jobs import score
 
     code, _, err = run_job(score, ["--data", "digits", "--bad-images", "skip", "--out", tmp_path / "r"])
-    assert code == 2 and "--bad-images applies to imagefolder: sources, not 'digits'" in err
+    assert code == 2 and "--bad-images applies to imagefolder:, parquet:, webdataset: sources, not 'digits'" in err
     code, _, err = run_job(score, ["--data", "digits", "--image-size", "64", "--out", tmp_path / "r"])
-    assert code == 2 and "--image-size applies to imagefolder: sources, not 'digits'" in err
+    assert code == 2 and "--image-size applies to imagefolder:, parquet:, webdataset: sources, not 'digits'" in err
     from jobs._cli import data_spec
     from jobs.score import build_parser
 

@@ -1,7 +1,8 @@
 """File-based sources: ``parquet:PATH`` and ``imagefolder:PATH``, local or any URI pyarrow opens.
 
 Splits: when PATH holds both ``train`` and ``test`` (sub-folders, or ``train*.parquet`` /
-``test*.parquet`` files) they are used as is; otherwise everything is the training pool and
+``test*.parquet`` files; for Parquet ``validation*``/``val*`` before ``test*``, as the Hugging
+Face layout has an unlabelled test split) they are used as is; otherwise everything is the training pool and
 the test split is a deterministic holdout of 10% of the sample ids (by hash).
 Sample ids without a ``sample_id`` column are derived stably from the relative file path and
 the row (parquet) or the relative path (imagefolder): 63 bits of blake2b.
@@ -17,6 +18,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -108,10 +110,72 @@ class ParquetPartition(Partition):
         yield {"sample_id": ids[mask], "image": images[mask], "label": labels[mask]}
 
 
+def _image_bytes(col: pa.ChunkedArray) -> list:
+    """The encoded images of an ``image`` column: bytes, or the ``bytes`` of a struct (the
+    Hugging Face ``datasets`` layout, ``{bytes, path}``); None where a row has none."""
+    if pa.types.is_struct(col.type):
+        col = pc.struct_field(col, "bytes")
+    return col.to_pylist()
+
+
+def _is_encoded(typ: pa.DataType) -> bool:
+    """An ``image`` column of encoded files: bytes, or a struct with a ``bytes`` field."""
+    if pa.types.is_struct(typ):
+        return typ.get_field_index("bytes") >= 0
+    return pa.types.is_binary(typ) or pa.types.is_large_binary(typ)
+
+
+@dataclass(frozen=True)
+class EncodedParquetPartition(Partition):
+    """One row group of encoded images of any size, brought to ``size`` x ``size`` by the
+    evaluation transform; ``keep`` selects holdout rows, ``drop`` lists the rows (in the file)
+    that ``bad=skip`` left out."""
+
+    uri: str
+    rel: str
+    row_group: int
+    first_row: int
+    num_rows: int
+    keep: str
+    size: int
+    eval_transform: str
+    split: str
+    drop: tuple = ()
+
+    def encoded(self) -> tuple:
+        """(sample ids, labels, [(where, bytes)]) of the partition's rows."""
+        fs, root = _filesystem(self.uri)
+        with fs.open_input_file(root) as fh:
+            t = pq.ParquetFile(fh).read_row_group(self.row_group)
+        ids = _ids(t, self.rel, self.first_row)
+        mask = _keep_mask(ids, self.keep)
+        if self.drop:
+            mask[np.asarray(self.drop, dtype=np.int64) - self.first_row] = False
+        rows = np.flatnonzero(mask)
+        data = _image_bytes(t.column("image"))
+        items = [(f"{self.rel} row {self.first_row + int(i)}", data[i] or b"") for i in rows]
+        return ids[rows], _labels(t, self.rel)[rows], items
+
+    def read(self) -> Iterator[dict]:
+        ids, labels, items = self.encoded()
+        yield {"sample_id": ids, "label": labels,
+               "image": decode_part(items, self.size, self.eval_transform, "parquet", self.split)}
+
+
 def _ids(t: pa.Table, rel: str, first_row: int) -> np.ndarray:
+    """A row group's sample ids: the ``sample_id`` column; else, for images stored with their
+    file name (the Hugging Face layout's ``image.path``), the name; else the file and row."""
     if "sample_id" in t.column_names:
-        return t.column("sample_id").to_numpy().astype(np.int64)
-    return np.array([stable_id(f"{rel}:{first_row + i}") for i in range(t.num_rows)], dtype=np.int64)
+        col = t.column("sample_id")
+        if not pa.types.is_integer(col.type) or col.null_count:
+            raise DataError(f"{rel}: column 'sample_id' must be integers without nulls, got {col.type}")
+        return col.to_numpy().astype(np.int64)
+    paths = [None] * t.num_rows
+    if "image" in t.column_names and pa.types.is_struct(t.column("image").type) \
+            and t.column("image").type.get_field_index("path") >= 0:
+        paths = pc.struct_field(t.column("image"), "path").to_pylist()
+    return np.array([stable_id(path) if path else stable_id(f"{rel}:{first_row + i}")
+                     for i, path in enumerate(paths)], dtype=np.int64)
 
 
 def _keep_mask(ids: np.ndarray, keep: str) -> np.ndarray:
@@ -170,13 +234,20 @@ def _image_shape(pf: pq.ParquetFile, rel: str) -> tuple:
     return (side, side, 1)
 
 
-class ParquetSource(Source):
-    """``parquet:PATH`` with columns image, label and optional sample_id."""
+class ParquetSource(EncodedImages, Source):
+    """``parquet[,size=S][,eval=...][,bad=skip]:PATH`` with columns ``image``, ``label`` (an
+    integer) and optional ``sample_id``. ``image`` holds encoded image files of any size (PNG,
+    JPEG, ...: bytes, or the Hugging Face ``datasets`` layout, a struct of ``bytes`` and
+    ``path``), made RGB and brought to S x S as imagefolder's are (``EncodedImages``); or
+    fixed-size uint8 arrays (lists or a fixed-shape tensor), used as stored. A file written by
+    ``write_parquet_source`` declares its images' shape (metadata ``winnow_image_shape``): its
+    images are used as stored unless ``size=S`` is given. Ids: ``sample_id``, else the image's
+    ``path`` (Hugging Face), else file and row. Class names: the Hugging Face metadata's
+    ``ClassLabel`` names when present."""
 
-    def __init__(self, arg: Optional[str]):
-        if not arg:
-            raise ConfigError("parquet source needs a path: parquet:PATH")
-        self.spec, self.uri = f"parquet:{arg}", arg
+    def __init__(self, arg: Optional[str], size: Optional[int] = None, bad: str = "fail",
+                 eval: str = "center-crop"):  # "eval": the option's name in the spec
+        self._image_options("parquet", arg, "a path: parquet:PATH", size, bad, eval)
         self.fs, root = _filesystem(arg)
         info = self.fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
@@ -191,15 +262,20 @@ class ParquetSource(Source):
             self.base = root
         if not files:
             raise DataError(f"parquet: no .parquet files under {arg!r}")
-        rel = {f: os.path.relpath(f, self.base) for f in files}
-        train = [f for f in files if rel[f].startswith("train")]
-        test = [f for f in files if rel[f].startswith("test")]
+        kind = {f: _split_of(os.path.relpath(f, self.base)) for f in files}
+        train = [f for f in files if kind[f] == "train"]
+        test = [f for f in files if kind[f] == "val"] or [f for f in files if kind[f] == "test"]
         if train and test:
             self.files = {"train": (train, "all"), "test": (test, "all")}
         else:
             self.files = {"train": (files, "train"), "test": (files, "test")}
         self._parts: dict = {}
         self._info: Optional[DataInfo] = None
+        self._encoded: Optional[bool] = None
+        self._drop: Optional[dict] = None   # bad=skip: {relative file: rows left out}
+        self._by_id: Optional[dict] = None  # sample_id -> (where, bytes) of the training rows (rrc-flip)
+        if bad == "skip":
+            self.info()  # decodes everything once (cached): ``skipped`` is known from the start
 
     def content_key(self) -> str:
         files = self.files["train"][0]
@@ -215,23 +291,99 @@ class ParquetSource(Source):
         except (pa.ArrowInvalid, OSError) as exc:
             raise DataError(f"parquet: {path!r} is not a readable Parquet file ({exc})") from None
 
-    def info(self) -> DataInfo:
-        if self._info is None:
+    @property
+    def encoded(self) -> bool:
+        """Images of any size (decoded and brought to S x S), not stored at one fixed shape."""
+        if self._encoded is None:
             first = self.files["train"][0][0]
             pf = self._open(first)
             for col in ("image", "label"):
                 if col not in pf.schema_arrow.names:
                     raise DataError(f"parquet: {first!r} lacks column {col!r}; it has {pf.schema_arrow.names}")
-            shape = _image_shape(pf, os.path.relpath(first, self.base))
+            typ = pf.schema_arrow.field("image").type
+            declared = SHAPE_KEY in (pf.schema_arrow.metadata or {})
+            self._encoded = _is_encoded(typ) and (pa.types.is_struct(typ) or not declared or self._size is not None)
+            if not self._encoded and (self._size is not None or self.eval_transform != "center-crop"
+                                      or self.bad != "fail"):
+                raise ConfigError(f"parquet: {first!r} stores fixed-size images; size=, eval= and bad= apply "
+                                  "to encoded images of any size")
+        return self._encoded
+
+    def _first_train_image(self):
+        """The first training row's image that bad=skip kept (for the default size)."""
+        files, keep = self.files["train"]
+        for f in files:
+            pf, rel, start = self._open(f), os.path.relpath(f, self.base), 0
+            for g in range(pf.num_row_groups):
+                t = pf.read_row_group(g)
+                mask = np.ones(t.num_rows, bool) if keep == "all" else _keep_mask(_ids(t, rel, start), keep)
+                data = _image_bytes(t.column("image"))
+                for i in np.flatnonzero(mask):
+                    if start + int(i) not in (self._drop or {}).get(rel, ()):
+                        return f"{rel} row {start + int(i)}", data[i] or b""
+                start += t.num_rows
+        raise DataError(f"parquet: no training rows in {self.uri!r}")
+
+    def _encoded_by_id(self, sample_ids):
+        if self._by_id is None:  # the training split's encoded images, read once per process
+            self._by_id = {int(i): item for p in self.partitions("train") for i, item in
+                           zip(*p.encoded()[::2])}
+        out = []
+        for sid in sample_ids:
+            item = self._by_id.get(int(sid))
+            if item is None:
+                raise DataError(f"parquet: sample_id {int(sid)} is not in the training split of {self.uri!r}")
+            out.append(item)
+        return out
+
+    def info(self) -> DataInfo:
+        if self._info is None:
+            first = self.files["train"][0][0]
+            encoded = self.encoded
+            pf = self._open(first)
             labels = np.concatenate([_labels(self._open(f).read(columns=["label"]), f)
                                      for f in sorted(set(self.files["train"][0] + self.files["test"][0]))])
             if labels.min() < 0:
                 raise DataError(f"parquet: negative label {int(labels.min())} in {self.uri!r}")
-            c = shape[2]
-            self._info = DataInfo(self.spec, int(labels.max()) + 1, tuple(shape),
-                                  (GENERIC_MEAN,) * c, (GENERIC_STD,) * c,
-                                  train_transform=default_train_transform(min(shape[:2])))
+            names = _hf_class_names(pf)
+            num_classes = max(int(labels.max()) + 1, len(names or ()))
+            if encoded:
+                if self.bad == "skip":
+                    self._skip_unreadable()
+                self._info = self.image_info(num_classes, names)
+            else:
+                shape = _image_shape(pf, os.path.relpath(first, self.base))
+                c = shape[2]
+                self._info = DataInfo(self.spec, num_classes, tuple(shape), (GENERIC_MEAN,) * c, (GENERIC_STD,) * c,
+                                      names, train_transform=default_train_transform(min(shape[:2])))
         return self._info
+
+    def _skip_unreadable(self) -> None:
+        """``bad=skip``: decode every row's image once (``find_bad_images``, cached) and leave out
+        the rows whose image does not decode (``skipped``, by file and row)."""
+        everything = sorted(set(self.files["train"][0] + self.files["test"][0]))
+        infos = self.fs.get_file_info(everything)
+        identity = self.uri + "".join(f"\n{os.path.relpath(i.path, self.base)}\0{i.size}\0{i.mtime_ns}" for i in infos)
+        groups = []
+        for f in everything:
+            rel = os.path.relpath(f, self.base)
+            start = 0
+            pf = self._open(f)
+            for g in range(pf.num_row_groups):
+                groups.append(self._group_reader(f, rel, g, start))
+                start += pf.metadata.row_group(g).num_rows
+        verdicts = find_bad_images(identity, groups)
+        self.skipped = sorted(verdicts.items())
+        self._drop = {}
+        for where in verdicts:
+            rel, _, row = where.rpartition(" row ")
+            self._drop.setdefault(rel, set()).add(int(row))
+
+    def _group_reader(self, path: str, rel: str, group: int, start: int):
+        def read():
+            data = _image_bytes(self._open(path).read_row_group(group, columns=["image"]).column("image"))
+            return [(f"{rel} row {start + i}", d if d else "no image bytes") for i, d in enumerate(data)]
+        return read
 
     def num_rows(self, split: str) -> int:
         return sum(p.num_rows for p in self.partitions(split))
@@ -240,33 +392,71 @@ class ParquetSource(Source):
         """One partition per row group (Parquet's own unit of streaming reads)."""
         split = check_split(split)
         if split not in self._parts:
-            files, keep = self.files[split]
-            shape = self.info().image_shape
-            parts = []
-            for f in files:
-                pf = self._open(f)
-                rel = os.path.relpath(f, self.base)
-                start = 0
-                for g in range(pf.num_row_groups):
-                    n = pf.metadata.row_group(g).num_rows
-                    rows = n if keep == "all" else int(_keep_mask(self._group_ids(pf, g, rel, start, n), keep).sum())
-                    if rows:
-                        parts.append(ParquetPartition(self._uri(f), rel, g, start, rows, keep, tuple(shape)))
-                    start += n
-            self._parts[split] = parts
+            self.info()
+            self._parts[split] = self._partitions(split, self._drop or {})
         return self._parts[split]
 
+    def _partitions(self, split: str, drop: dict) -> list:
+        files, keep = self.files[split]
+        parts = []
+        for f in files:
+            pf = self._open(f)
+            rel = os.path.relpath(f, self.base)
+            start = 0
+            for g in range(pf.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                mask = np.ones(n, bool) if keep == "all" else _keep_mask(self._group_ids(pf, g, rel, start), keep)
+                gone = tuple(sorted(r for r in drop.get(rel, ()) if start <= r < start + n and mask[r - start]))
+                rows = int(mask.sum()) - len(gone)
+                if rows:
+                    if self.encoded:
+                        parts.append(EncodedParquetPartition(self._uri(f), rel, g, start, rows, keep, self.size,
+                                                             self.eval_transform, split, gone))
+                    else:
+                        parts.append(ParquetPartition(self._uri(f), rel, g, start, rows, keep,
+                                                      tuple(self.info().image_shape)))
+                start += n
+        return parts
+
     @staticmethod
-    def _group_ids(pf: pq.ParquetFile, group: int, rel: str, start: int, n: int) -> np.ndarray:
-        """Sample ids of one row group, reading only the sample_id column (if any)."""
-        if "sample_id" in pf.schema_arrow.names:
-            return pf.read_row_group(group, columns=["sample_id"]).column("sample_id").to_numpy().astype(np.int64)
-        return np.array([stable_id(f"{rel}:{start + i}") for i in range(n)], dtype=np.int64)
+    def _group_ids(pf: pq.ParquetFile, group: int, rel: str, start: int) -> np.ndarray:
+        """Sample ids of one row group, reading only the columns they come from."""
+        names = pf.schema_arrow.names
+        if "sample_id" in names:
+            cols = ["sample_id"]
+        else:
+            typ = pf.schema_arrow.field("image").type
+            cols = ["image.path"] if pa.types.is_struct(typ) and typ.get_field_index("path") >= 0 else []
+        t = pf.read_row_group(group, columns=cols) if cols else pa.table({"_": pa.nulls(
+            pf.metadata.row_group(group).num_rows)})
+        return _ids(t, rel, start)
 
     def arrays(self, split: str):
         rows = super().arrays(split)
         validate_rows(rows.sample_id, rows.label, self.info().num_classes, f"{self.spec} {split}")
         return rows
+
+
+def _split_of(rel: str) -> Optional[str]:
+    """'train', 'val' or 'test' when a folder or file name of ``rel`` starts with it (the
+    Hugging Face layout names files ``train-00000-of-00004.parquet``, ``validation-...``)."""
+    for part in rel.replace(os.sep, "/").split("/"):
+        for kind, prefixes in (("train", ("train",)), ("val", ("validation", "val")), ("test", ("test",))):
+            if part.startswith(prefixes):
+                return kind
+    return None
+
+
+def _hf_class_names(pf: pq.ParquetFile) -> Optional[tuple]:
+    """The ``label`` feature's class names in a Hugging Face ``datasets`` file's metadata."""
+    import json
+
+    raw = (pf.schema_arrow.metadata or {}).get(b"huggingface")
+    try:
+        names = json.loads(raw)["info"]["features"]["label"]["names"] if raw else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return tuple(str(n) for n in names) if isinstance(names, list) and names else None
 
 
 # ---------------------------------------------------------------- imagefolder
@@ -332,10 +522,7 @@ class ImageFolderSource(EncodedImages, Source):
 
     def __init__(self, arg: Optional[str], size: Optional[int] = None, bad: str = "fail",
                  eval: str = "center-crop"):  # "eval": the option's name in the spec
-        if not arg:
-            raise ConfigError("imagefolder source needs a path: imagefolder:PATH")
-        self.spec = f"imagefolder{self._image_options('imagefolder', size, bad, eval)}:{arg}"
-        self.uri = arg
+        self._image_options("imagefolder", arg, "a path: imagefolder:PATH", size, bad, eval)
         self.fs, self.root = _filesystem(arg)
         self.root = self.root.rstrip("/") or "/"
         info = self.fs.get_file_info(self.root)

@@ -153,8 +153,12 @@ class EncodedImages:
     OPTIONS = {"size": int, "bad": str, "eval": str}
     kind: str
 
-    def _image_options(self, kind: str, size: Optional[int], bad: str, eval_transform: str) -> str:
-        """Check and keep the options; returns them as the spec's option text (",size=64,...")."""
+    def _image_options(self, kind: str, arg: Optional[str], usage: str, size: Optional[int], bad: str,
+                       eval_transform: str) -> None:
+        """Check and keep the argument (``usage`` says what it should be when it is missing) and
+        the options; sets ``spec`` (options in canonical order) and ``uri``."""
+        if not arg:
+            raise ConfigError(f"{kind} source needs {usage}")
         if size is not None and not 1 <= size <= 4096:
             raise ConfigError(f"{kind}: size={size} must be between 1 and 4096")
         if bad not in BAD_IMAGES:
@@ -162,8 +166,9 @@ class EncodedImages:
         self.kind, self._size, self.bad = kind, size, bad
         self.eval_transform = check_eval_transform(eval_transform)
         self.skipped: list = []  # (where, reason) of the images bad=skip left out
-        return (f",size={size}" if size else "") + (f",bad={bad}" if bad != "fail" else "") \
+        opts = (f",size={size}" if size else "") + (f",bad={bad}" if bad != "fail" else "") \
             + (f",eval={eval_transform}" if eval_transform != "center-crop" else "")
+        self.spec, self.uri = f"{kind}{opts}:{arg}", arg
 
     def _first_train_image(self) -> Tuple[str, bytes]:
         raise NotImplementedError
