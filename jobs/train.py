@@ -136,7 +136,7 @@ def load_subset(cfg: TrainConfig):
     if cfg.manifest is None:
         return None, None, n_train, None
     ids, weight, _ = artifacts.read_manifest(cfg.manifest)
-    known = source.arrays("train").sample_id
+    known = source.sample_ids("train")  # from the listing or the id columns: no image is decoded
     absent = ids[~np.isin(ids, known)]
     if len(absent):
         raise DataError(f"manifest {cfg.manifest!r} names {len(absent)} sample_id(s) absent from the training "

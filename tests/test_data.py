@@ -106,6 +106,16 @@ def test_source_contract(specs, name):
         np.testing.assert_array_equal(ids[order], rows.sample_id[ref])
         np.testing.assert_array_equal(np.concatenate([b["image"] for b in parts])[order], rows.image[ref])
         np.testing.assert_array_equal(np.concatenate([b["label"] for b in parts])[order], rows.label[ref])
+        ids, labels = src.ids_and_labels(split)  # without pixels: the same rows in the same order
+        np.testing.assert_array_equal(ids, rows.sample_id)
+        np.testing.assert_array_equal(labels, rows.label)
+        np.testing.assert_array_equal(src.sample_ids(split), rows.sample_id)
+        some = rows.sample_id[::-3]
+        picked, want = src.rows_of(split, some), rows.subset(some)
+        for k in ("sample_id", "image", "label"):
+            np.testing.assert_array_equal(getattr(picked, k), getattr(want, k))
+        with pytest.raises(DataError, match="absent from the data"):
+            src.rows_of(split, np.array([-5], dtype=np.int64))
         again = load_source(specs[name]).arrays(split)
         np.testing.assert_array_equal(again.sample_id, rows.sample_id)
         np.testing.assert_array_equal(again.image, rows.image)

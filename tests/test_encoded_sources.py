@@ -173,3 +173,34 @@ def test_bad_shards_and_members_are_named(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     with pytest.raises(DataError, match="x.cls must hold a class index >= 0, got 'cat'"):
         load_source(f"webdataset:{tmp_path / 'badcls.tar'}")
+
+
+def test_ids_labels_and_manifest_checks_decode_no_image(formats, tmp_path, monkeypatch):
+    """Issue 31, slice 1: ids and labels come from the listing, the Parquet columns or the tar
+    member names; checking a manifest against the data decodes nothing."""
+    from engine import artifacts
+    from engine.config import TrainConfig
+    from engine.data import files, images
+    from jobs.train import load_subset
+
+    base, _ = formats
+    specs = _specs(base)
+    expect = {name: (load_source(spec).arrays("train"), load_source(spec).arrays("test"))
+              for name, spec in specs.items()}
+
+    def no_decoding(*a, **k):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(images, "decode_rgb", no_decoding)
+    monkeypatch.setattr(files, "decode_image", no_decoding)
+    for name, spec in specs.items():
+        src = load_source(spec)
+        for split, rows in zip(("train", "test"), expect[name]):
+            ids, labels = src.ids_and_labels(split)
+            assert np.array_equal(ids, rows.sample_id) and np.array_equal(labels, rows.label), (name, split)
+            assert src.num_rows(split) == len(rows)
+        manifest = tmp_path / f"{name}.parquet"
+        chosen = expect[name][0].sample_id[::2]
+        artifacts.write_manifest(manifest, chosen, np.ones(len(chosen)), {})
+        subset_ids, _, n, _ = load_subset(TrainConfig(data=spec, manifest=str(manifest)))
+        assert n == len(subset_ids) == len(chosen), name

@@ -116,6 +116,22 @@ class Source(abc.ABC):
 
         return augment_batch(images, sample_ids, transform, seed, epoch)
 
+    def ids_and_labels(self, split: str) -> Tuple[np.ndarray, np.ndarray]:
+        """(sample_id int64 [N], label int64 [N]) of ``split`` in row order, without decoding
+        any image where the source can (listings, Parquet columns, tar member names): what
+        manifest checks, counts and resumes need. Default: from the rows in memory."""
+        rows = self.arrays(split)
+        return rows.sample_id, rows.label
+
+    def sample_ids(self, split: str) -> np.ndarray:
+        """The sample ids of ``split`` in row order (``ids_and_labels``)."""
+        return self.ids_and_labels(split)[0]
+
+    def rows_of(self, split: str, ids: np.ndarray) -> ArraySplit:
+        """The rows ``ids`` of ``split`` (in the order of ``ids``; DataError naming any that is
+        absent), decoding only those where the source can. Default: from the rows in memory."""
+        return self.arrays(split).subset(ids)
+
     def arrays(self, split: str) -> ArraySplit:
         """The whole split in memory (small data). Default: read every partition."""
         parts = [b for p in self.partitions(check_split(split)) for b in p.read()]

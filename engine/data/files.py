@@ -109,6 +109,30 @@ class ParquetPartition(Partition):
         labels = _labels(t, self.rel)
         yield {"sample_id": ids[mask], "image": images[mask], "label": labels[mask]}
 
+    def ids_and_labels(self) -> tuple:
+        return _group_ids_labels(self.uri, self.rel, self.row_group, self.first_row, self.keep, ())
+
+
+def _id_columns(pf: pq.ParquetFile) -> list:
+    """The columns a file's sample ids come from (``_ids``): sample_id, image.path or none."""
+    if "sample_id" in pf.schema_arrow.names:
+        return ["sample_id"]
+    typ = pf.schema_arrow.field("image").type
+    return ["image.path"] if pa.types.is_struct(typ) and typ.get_field_index("path") >= 0 else []
+
+
+def _group_ids_labels(uri: str, rel: str, group: int, first_row: int, keep: str, drop: tuple) -> tuple:
+    """(ids, labels) of a row group's kept rows, reading only the id and label columns."""
+    fs, root = _filesystem(uri)
+    with fs.open_input_file(root) as fh:
+        pf = pq.ParquetFile(fh)
+        t = pf.read_row_group(group, columns=_id_columns(pf) + ["label"])
+    ids = _ids(t, rel, first_row)
+    mask = _keep_mask(ids, keep)
+    if drop:
+        mask[np.asarray(drop, dtype=np.int64) - first_row] = False
+    return ids[mask], _labels(t, rel)[mask]
+
 
 def _image_bytes(col: pa.ChunkedArray) -> list:
     """The encoded images of an ``image`` column: bytes, or the ``bytes`` of a struct (the
@@ -155,6 +179,9 @@ class EncodedParquetPartition(Partition):
         data = _image_bytes(t.column("image"))
         items = [(f"{self.rel} row {self.first_row + int(i)}", data[i] or b"") for i in rows]
         return ids[rows], _labels(t, self.rel)[rows], items
+
+    def ids_and_labels(self) -> tuple:
+        return _group_ids_labels(self.uri, self.rel, self.row_group, self.first_row, self.keep, self.drop)
 
     def read(self) -> Iterator[dict]:
         ids, labels, items = self.encoded()
@@ -418,15 +445,17 @@ class ParquetSource(EncodedImages, Source):
                 start += n
         return parts
 
+    def ids_and_labels(self, split: str) -> tuple:
+        pairs = [p.ids_and_labels() for p in self.partitions(split)]
+        ids = np.concatenate([i for i, _ in pairs]) if pairs else np.zeros(0, np.int64)
+        labels = np.concatenate([lab for _, lab in pairs]) if pairs else np.zeros(0, np.int64)
+        validate_rows(ids, labels, self.info().num_classes, f"{self.spec} {split}")
+        return ids, labels
+
     @staticmethod
     def _group_ids(pf: pq.ParquetFile, group: int, rel: str, start: int) -> np.ndarray:
         """Sample ids of one row group, reading only the columns they come from."""
-        names = pf.schema_arrow.names
-        if "sample_id" in names:
-            cols = ["sample_id"]
-        else:
-            typ = pf.schema_arrow.field("image").type
-            cols = ["image.path"] if pa.types.is_struct(typ) and typ.get_field_index("path") >= 0 else []
+        cols = _id_columns(pf)
         t = pf.read_row_group(group, columns=cols) if cols else pa.table({"_": pa.nulls(
             pf.metadata.row_group(group).num_rows)})
         return _ids(t, rel, start)
@@ -606,6 +635,11 @@ class ImageFolderSource(EncodedImages, Source):
             self.lists[split] = [(rel, lab) for rel, lab in self.lists[split] if rel not in verdicts]
         if not self.lists["train"]:
             raise DataError(f"imagefolder: none of the {len(everything)} image(s) under {self.uri!r} decodes")
+
+    def ids_and_labels(self, split):
+        files = self.lists[check_split(split)]
+        return (np.array([stable_id(rel) for rel, _ in files], dtype=np.int64),
+                np.array([lab for _, lab in files], dtype=np.int64))
 
     def _first_train_image(self):
         rel = self.lists["train"][0][0]

@@ -152,6 +152,7 @@ class EncodedImages:
 
     OPTIONS = {"size": int, "bad": str, "eval": str}
     kind: str
+    encoded = True  # the images are encoded files (a source may also hold fixed-size arrays: Parquet)
 
     def _image_options(self, kind: str, arg: Optional[str], usage: str, size: Optional[int], bad: str,
                        eval_transform: str) -> None:
@@ -190,11 +191,28 @@ class EncodedImages:
                         None if class_names is None else tuple(class_names),
                         train_transform=default_train_transform(self.size), eval_transform=self.eval_transform)
 
+    def rows_of(self, split, ids):
+        """Training rows: only the images of ``ids`` are read and decoded."""
+        from engine.data.base import ArraySplit
+
+        if split != "train" or not self.encoded:
+            return super().rows_of(split, ids)
+        ids = np.asarray(ids, dtype=np.int64)
+        known, labels = self.ids_and_labels("train")
+        label_of = dict(zip(known.tolist(), labels.tolist()))
+        absent = [int(i) for i in ids if int(i) not in label_of]
+        if absent:
+            raise DataError(f"{len(absent)} sample_id(s) are absent from the data, e.g. {absent[:5]}")
+        images = np.empty((len(ids), self.size, self.size, 3), np.uint8)
+        for k, (where, data) in enumerate(self._encoded_by_id(ids)):
+            images[k] = decode_eval(data, where, self.size, self.eval_transform)
+        return ArraySplit(ids, images, np.array([label_of[int(i)] for i in ids], dtype=np.int64))
+
     def augment(self, images, sample_ids, transform, seed, epoch):
         """``rrc-flip`` crops the original: the encoded images of ``sample_ids`` are decoded
         again (``decode_rrc_flip``); the other transforms work on ``images`` (the evaluation
         transform's output)."""
-        if transform != "rrc-flip":
+        if transform != "rrc-flip" or not self.encoded:
             return super().augment(images, sample_ids, transform, seed, epoch)
         ids = np.asarray(sample_ids, dtype=np.int64)
         out = np.empty((len(ids), self.size, self.size, 3), np.uint8)

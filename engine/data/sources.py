@@ -175,6 +175,13 @@ class SyntheticPartition(Partition):
     def num_rows(self) -> int:  # type: ignore[override]
         return min(self.last_chunk * SYNTH_CHUNK, self.rows) - self.first_chunk * SYNTH_CHUNK
 
+    def labels(self) -> Iterator[tuple]:
+        """(sample ids, labels) of each chunk, drawing no image bytes (labels are drawn first)."""
+        for c in range(self.first_chunk, self.last_chunk):
+            start, stop = c * SYNTH_CHUNK, min((c + 1) * SYNTH_CHUNK, self.rows)
+            label = np.random.default_rng([c, self.split_code]).integers(0, SYNTH_CLASSES, stop - start)
+            yield np.arange(start, stop, dtype=np.int64) + self.id_offset, label.astype(np.int64)
+
     def read(self) -> Iterator[dict]:
         for c in range(self.first_chunk, self.last_chunk):
             start, stop = c * SYNTH_CHUNK, min((c + 1) * SYNTH_CHUNK, self.rows)
@@ -214,6 +221,25 @@ class Synthetic(Source):
 
     def num_rows(self, split: str) -> int:
         return self.n if check_split(split) == "train" else min(10000, max(100, self.n // 10))
+
+    def ids_and_labels(self, split: str) -> tuple:
+        pairs = [pair for p in self.partitions(split) for pair in p.labels()]
+        return tuple(np.concatenate([pair[k] for pair in pairs]) for k in (0, 1))
+
+    def rows_of(self, split: str, ids: np.ndarray) -> ArraySplit:
+        """Only the chunks that hold ``ids`` are drawn."""
+        ids = np.asarray(ids, dtype=np.int64)
+        offset = 0 if check_split(split) == "train" else self.n
+        chunks = np.unique((ids - offset) // SYNTH_CHUNK)
+        rows, code = self.num_rows(split), 0 if split == "train" else 1
+        parts = [SyntheticPartition(int(c), int(c) + 1, rows, offset, code, self.shape)
+                 for c in chunks if 0 <= c * SYNTH_CHUNK < rows]
+        got = [b for p in parts for b in p.read()]
+        h, w, ch = self.shape
+        if not got:
+            return ArraySplit(np.zeros(0, np.int64), np.zeros((0, h, w, ch), np.uint8),
+                              np.zeros(0, np.int64)).subset(ids)
+        return ArraySplit(*(np.concatenate([b[k] for b in got]) for k in ("sample_id", "image", "label"))).subset(ids)
 
     def partitions(self, split: str, target_rows: int = 8192) -> list[Partition]:
         rows = self.num_rows(split)

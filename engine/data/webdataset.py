@@ -244,6 +244,10 @@ class WebDatasetSource(EncodedImages, Source):
         if not self.lists["train"]:
             raise DataError(f"webdataset: none of the {len(everything)} image(s) in {self.uri!r} decodes")
 
+    def ids_and_labels(self, split):
+        rows = [row for _, row in self.lists[check_split(split)]]
+        return np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64)
+
     def _first_train_image(self):
         u, row = self.lists["train"][0]
         return f"{self.rel[u]}:{row[2]}", _read_at(u, row[3], row[4], f"{self.rel[u]}:{row[2]}")

@@ -42,7 +42,7 @@ class Builder:
         self.run, self.opts, self.folder = run, opts, folder
         self.sections: List[Section] = []
         self.names: Dict[str, int] = {}
-        self._data = None          # (split, info) once loaded
+        self._data = None          # (source, info) once loaded
         self._data_error: Optional[str] = None
 
     # ------------------------------------------------------------ helpers
@@ -61,7 +61,7 @@ class Builder:
         return s
 
     def data(self):
-        """(train split, DataInfo) of the run's data source, or None with ``_data_error`` set."""
+        """(the run's data source, its DataInfo), or None with ``_data_error`` set."""
         if self._data is None and self._data_error is None:
             spec = self.opts.data or self.run.data
             if not spec:
@@ -71,7 +71,7 @@ class Builder:
                     from engine.data import load_source
 
                     source = load_source(spec)
-                    self._data = (source.arrays("train"), source.info())
+                    self._data = (source, source.info())
                 except Exception as exc:  # any error: any failure only skips the images
                     self._data_error = f"the data source {spec!r} could not be loaded ({type(exc).__name__}: {exc})"
         return self._data
@@ -235,7 +235,7 @@ class Builder:
         if self.data() is None:
             s.skipped = self._data_error
             return
-        split, _ = self._data
+        source, _ = self._data
         labels, classes, note = self.classes()
         names = self.class_names(classes)
         ids = self.run.scores.column("sample_id").to_numpy()
@@ -254,7 +254,7 @@ class Builder:
         needed = np.unique(np.concatenate([np.concatenate([lo, hi]) for pc in picks.values()
                                            for lo, hi in pc.values()])) if picks else np.zeros(0, np.int64)
         try:
-            sub = split.subset(needed)
+            sub = source.rows_of("train", needed)  # decodes only the images shown
         except Exception as exc:  # any error: the report says why these figures were skipped
             s.skipped = (f"the score table's ids do not match the data source "
                          f"{self.opts.data or self.run.data!r} ({exc})")
