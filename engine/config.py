@@ -49,6 +49,8 @@ class ScoreConfig:
     embedding_dim: int = 0             # >0: also write embeddings.parquet (last-layer gradients, seed 0, last epoch)
     precision: str = "float32"         # "bf16": autocast for the scorers that allow it (engine.scores.runs_in_bf16)
     train_transform: Optional[str] = None  # the proxies' training augmentation; None: the source's default
+    proxy_loader: str = "auto"         # proxies: "memory" (each holds the split), "stream" (Ray Train from Ray Data), "auto" (stream above 1 GiB of images)
+    proxy_workers: int = 1             # Ray Train workers per proxy when streamed
     optim: OptimConfig = OptimConfig()
     out: str = "runs/score"            # run directory
 
@@ -67,6 +69,9 @@ class ScoreConfig:
             from engine.data.transforms import check_train_transform
 
             check_train_transform(self.train_transform)
+        if self.proxy_loader not in ("auto", "memory", "stream"):
+            raise ConfigError(f"proxy_loader must be 'auto', 'memory' or 'stream', got {self.proxy_loader!r}")
+        _positive(self, "proxy_workers")
         for e in self.score_epochs or ():
             if not 0 <= e <= self.epochs:
                 raise ConfigError(f"score_epochs: epoch {e} is outside 0..epochs ({self.epochs})")

@@ -85,6 +85,12 @@ def build_parser() -> Parser:
     add_fresh_flag(p)
     add_data_flags(p)
     add_train_transform_flag(p, "the proxies' training (scores are taken on the evaluation images)")
+    p.add_argument("--proxy-loader", choices=("auto", "memory", "stream"), default=d.proxy_loader,
+                   help="how the proxies read the training split: memory (each proxy task holds it decoded: small "
+                        "data, the fastest), stream (Ray Train fits reading Ray Data streams: memory bounded "
+                        "whatever the data's size), auto (stream above 1 GiB of decoded images; default)")
+    p.add_argument("--proxy-workers", type=int, default=d.proxy_workers,
+                   help="Ray Train workers per streamed proxy (default %(default)s)")
     return p
 
 
@@ -95,7 +101,8 @@ def config_from(argv: Sequence[str]) -> ScoreConfig:
                       min_actors=args.min_actors, cpus_per_actor=args.cpus_per_actor,
                       gpus_per_actor=args.gpus_per_actor, score_batch_size=args.score_batch_size,
                       score_params=check_params(args.score_params), embedding_dim=args.embeddings,
-                      precision=args.precision, train_transform=args.train_transform, optim=optim_from(args),
+                      precision=args.precision, train_transform=args.train_transform,
+                      proxy_loader=args.proxy_loader, proxy_workers=args.proxy_workers, optim=optim_from(args),
                       out=args.out)
     cfg.validate()
     if cfg.epochs == 0 and any(s in HISTORY_SCORERS for s in cfg.scores):
@@ -195,11 +202,17 @@ def _proxies(cfg: ScoreConfig, keep: tuple, work: Path) -> list:
         runs = load_proxies(path)
         print(f"resuming: reusing {len(runs)} trained proxies from {path}", flush=True)
         return runs
-    runs = train_proxies(cfg, keep)
+    from engine.distributed.proxies import train_proxies_streamed, use_stream
+
+    if cfg.epochs > 0 and use_stream(cfg, load_source(cfg.data)):
+        runs = train_proxies_streamed(cfg, keep, work, path.stem)
+    else:
+        runs = train_proxies(cfg, keep)
     work.mkdir(parents=True, exist_ok=True)
     for old in work.glob("proxies-*.pt"):
         old.unlink()
     artifacts.save_tensors(path, [r.to_tensors() for r in runs])
+    shutil.rmtree(work / "proxy_train", ignore_errors=True)  # the streamed fits' checkpoints: now in `path`
     return runs
 
 

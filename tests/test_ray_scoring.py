@@ -3,10 +3,8 @@ complete and equal after an actor is killed mid-run, and resumable after the dri
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from engine.data import load_source
 from engine.models import build_model
 from engine.scores import score_batch
 from engine.train import batch_to_input, seed_everything
+from tests.drills import kill_when
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,18 +97,8 @@ def test_rerun_after_driver_kill_reuses_shards(ray_local, tmp_path):
             "--actors", "1", "--out", str(out)]
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
     shards = out / "_partial" / "shards"
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and len(list(shards.glob("part-*.parquet"))) < 2 and proc.poll() is None:
-            time.sleep(0.05)
-        finished_first = len(list(shards.glob("part-*.parquet")))
-        assert proc.poll() is None, "the job ended before it could be killed:\n" + proc.stdout.read()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(argv, env, ROOT, lambda: len(list(shards.glob("part-*.parquet"))) >= 2, timeout=240)
+    finished_first = len(list(shards.glob("part-*.parquet")))
     assert finished_first >= 2 and not (out / "scores.parquet").exists()
     kept = len(list(shards.glob("part-*.parquet")))
     assert kept < 6, "the run had already finished every shard"

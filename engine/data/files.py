@@ -166,8 +166,8 @@ class EncodedParquetPartition(Partition):
     split: str
     drop: tuple = ()
 
-    def encoded(self) -> tuple:
-        """(sample ids, labels, [(where, bytes)]) of the partition's rows."""
+    def read_encoded(self) -> tuple:
+        """(sample ids, labels, [(where, bytes)]) of the partition's rows, not decoded."""
         fs, root = _filesystem(self.uri)
         with fs.open_input_file(root) as fh:
             t = pq.ParquetFile(fh).read_row_group(self.row_group)
@@ -184,7 +184,7 @@ class EncodedParquetPartition(Partition):
         return _group_ids_labels(self.uri, self.rel, self.row_group, self.first_row, self.keep, self.drop)
 
     def read(self) -> Iterator[dict]:
-        ids, labels, items = self.encoded()
+        ids, labels, items = self.read_encoded()
         yield {"sample_id": ids, "label": labels,
                "image": decode_part(items, self.size, self.eval_transform, "parquet", self.split)}
 
@@ -354,7 +354,7 @@ class ParquetSource(EncodedImages, Source):
     def _encoded_by_id(self, sample_ids):
         if self._by_id is None:  # the training split's encoded images, read once per process
             self._by_id = {int(i): item for p in self.partitions("train") for i, item in
-                           zip(*p.encoded()[::2])}
+                           zip(*p.read_encoded()[::2])}
         out = []
         for sid in sample_ids:
             item = self._by_id.get(int(sid))
@@ -528,6 +528,12 @@ class FilesPartition(Partition):
     @property
     def num_rows(self) -> int:  # type: ignore[override]
         return len(self.files)
+
+    def read_encoded(self) -> tuple:
+        """(sample ids, labels, [(where, bytes)]) of the partition's files, not decoded."""
+        return (np.array([stable_id(rel) for rel, _ in self.files], dtype=np.int64),
+                np.array([lab for _, lab in self.files], dtype=np.int64),
+                [(rel, _read_listed(self.uri, rel)) for rel, _ in self.files])
 
     def read(self) -> Iterator[dict]:
         items = [(rel, _read_listed(self.uri, rel)) for rel, _ in self.files]

@@ -120,6 +120,11 @@ class ShardPartition(Partition):
         except OSError as exc:
             raise DataError(f"webdataset: cannot read {self.rel}: {exc}") from None
 
+    def read_encoded(self) -> tuple:
+        """(sample ids, labels, [(where, bytes)]) of the partition's rows, not decoded."""
+        return (np.array([r[0] for r in self.rows], dtype=np.int64), np.array([r[1] for r in self.rows], dtype=np.int64),
+                self.encoded())
+
     def read(self) -> Iterator[dict]:
         images = decode_part(self.encoded(), self.image_size, self.eval_transform, "webdataset", self.split)
         yield {"sample_id": np.array([r[0] for r in self.rows], dtype=np.int64), "image": images,

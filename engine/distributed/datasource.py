@@ -37,8 +37,10 @@ class SourceDatasource(Datasource):
     every row carries its partition's index in a ``part`` column (the unit of scoring shards
     and resume)."""
 
-    def __init__(self, source: Source, split: str, target_rows: int = 8192, only: Optional[List[int]] = None):
+    def __init__(self, source: Source, split: str, target_rows: int = 8192, only: Optional[List[int]] = None,
+                 encoded: bool = False):
         super().__init__()
+        self._encoded = encoded
         parts = source.partitions(split, target_rows)
         self._tag = only is not None
         self._parts = [(i, _StoredPartition(parts[i]) if isinstance(parts[i], ArrayPartition) else parts[i])
@@ -55,15 +57,22 @@ class SourceDatasource(Datasource):
         for group in groups:
             rows = sum(p.num_rows for _, p in group)
             meta = BlockMetadata(num_rows=rows, size_bytes=rows * self._row_bytes, input_files=None, exec_stats=None)
-            tasks.append(ReadTask(_reader(group, self._tag), meta))
+            tasks.append(ReadTask(_reader(group, self._tag, self._encoded), meta))
         return tasks
 
 
-def _reader(parts, tag: bool):
+def _reader(parts, tag: bool, encoded: bool = False):
     def read():
         import numpy as np
+        import pyarrow as pa
 
         for index, part in parts:
+            if encoded and hasattr(part, "read_encoded"):  # the files' bytes, decoded downstream
+                ids, labels, items = part.read_encoded()
+                yield pa.table({"sample_id": pa.array(ids, pa.int64()), "label": pa.array(labels, pa.int64()),
+                                "data": pa.array([d for _, d in items], pa.binary()),
+                                "where": pa.array([w for w, _ in items], pa.string())})
+                continue
             for batch in part.read():
                 if tag:
                     batch = {**batch, "part": np.full(len(batch["sample_id"]), index, dtype=np.int32)}
@@ -71,12 +80,15 @@ def _reader(parts, tag: bool):
     return read
 
 
-def read_source(source: Source, split: str, target_rows: int = 8192, only: Optional[List[int]] = None):
+def read_source(source: Source, split: str, target_rows: int = 8192, only: Optional[List[int]] = None,
+                encoded: bool = False):
     """The split as a Ray Dataset (lazy; read in parallel by Ray Data); ``only``: see
-    ``SourceDatasource``."""
+    ``SourceDatasource``. ``encoded``: rows of sources of encoded images carry the files'
+    bytes (``data``) and names (``where``) instead of decoded images, for a training transform
+    that must see the original (decoded downstream, ``engine.distributed.proxies``)."""
     import ray.data
 
-    return ray.data.read_datasource(SourceDatasource(source, split, target_rows, only))
+    return ray.data.read_datasource(SourceDatasource(source, split, target_rows, only, encoded))
 
 
 __all__ = ["SourceDatasource", "read_source"]

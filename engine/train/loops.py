@@ -62,6 +62,25 @@ def shuffled_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.
     return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+def order_key(sample_id: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """uint64 [N]: each sample's place in the (seed, epoch) order of a proxy's pass, a
+    function of its id alone (splitmix64 of the id mixed with seed and epoch). Sorting by it
+    gives the same order to rows held in memory and to rows streamed by Ray Data (sorted by
+    this key), whatever order they were read in."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(sample_id).astype(np.uint64) ^ np.uint64(
+            ((int(seed) & 0xFFFFFFFF) << 32 | (int(epoch) & 0xFFFFFFFF)) * 0x9E3779B97F4A7C15 % 2**64)
+        for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            z = (z ^ (z >> np.uint64(shift))) * np.uint64(mult)
+        return z ^ (z >> np.uint64(31))
+
+
+def keyed_batches(sample_id: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Positions 0..N-1 in ``order_key`` order (ties by position), cut into batches."""
+    perm = np.argsort(order_key(sample_id, seed, epoch), kind="stable")
+    return [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
+
+
 def weighted_batches(weight: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     """Weighted sampling: ``len(weight)`` positions drawn with replacement with probability
     proportional to ``weight``, in an order fixed by (seed, epoch), cut into batches. When all
@@ -254,7 +273,7 @@ def fit_proxy(
     states = {0: _cpu_state(model)} if 0 in wanted else {}
     history, losses = [], []
     for epoch in range(1, epochs + 1):
-        batches = shuffled_batches(len(split), optim.batch_size, seed, epoch)
+        batches = keyed_batches(split.sample_id, optim.batch_size, seed, epoch)
         images = None if augment is None else (lambda idx, e=epoch: augment(idx, e))
         loss, correct = train_epoch(model, opt, sched, split, info, batches, device, images=images)
         history.append(correct)
