@@ -95,7 +95,7 @@ class TrainConfig:
     seed: int = 0                      # init and shuffling seed
     budget: str = "epochs"             # "epochs": `epochs` passes over the subset; "steps": the optimizer steps of `epochs` full-data passes
     weighting: str = "loss"            # manifest weights as per-sample loss weights ("loss") or sampling probabilities ("sampling")
-    loader: str = "memory"             # "memory": each worker holds the split; "ray-data": workers stream their shard of a Ray Dataset
+    loader: str = "auto"               # "memory": each worker holds the split; "ray-data": workers stream their shard of a Ray Dataset; "auto": ray-data above 1 GiB of decoded images
     train_transform: Optional[str] = None  # training augmentation (engine.data.transforms.TRAIN_TRANSFORMS); None: the source's default
     curvature_lambda: float = 0.0      # SLo-Curves regulariser: CE + λ·Curv(X)
     curvature_eps: float = 8 / 255     # Curv's step per input coordinate, in [0, 1] pixel units
@@ -122,8 +122,8 @@ class TrainConfig:
             raise ConfigError(f"budget must be 'epochs' or 'steps', got {self.budget!r}")
         if self.weighting not in ("loss", "sampling"):
             raise ConfigError(f"weighting must be 'loss' or 'sampling', got {self.weighting!r}")
-        if self.loader not in ("memory", "ray-data"):
-            raise ConfigError(f"loader must be 'memory' or 'ray-data', got {self.loader!r}")
+        if self.loader not in ("auto", "memory", "ray-data"):
+            raise ConfigError(f"loader must be 'auto', 'memory' or 'ray-data', got {self.loader!r}")
         if self.loader == "ray-data" and self.weighting == "sampling":
             raise ConfigError("loader 'ray-data' streams each row once per pass: use weighting 'loss' "
                               "(weighted sampling needs the in-memory loader)")

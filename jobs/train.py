@@ -57,10 +57,11 @@ def build_parser() -> Parser:
     p.add_argument("--budget", choices=["epochs", "steps"], default=d.budget,
                    help="epochs: --epochs passes over the subset; steps: as many optimizer steps as --epochs "
                         "passes over the full training split (default %(default)s)")
-    p.add_argument("--loader", choices=["memory", "ray-data"], default=d.loader,
+    p.add_argument("--loader", choices=["auto", "memory", "ray-data"], default=d.loader,
                    help="memory: every worker holds the training split (small data, exact resume); ray-data: "
-                        "workers stream their shard of a Ray Dataset read in parallel (large data; loss "
-                        "weighting only) (default %(default)s)")
+                        "workers stream their shard of a Ray Dataset read in parallel and evaluation streams the "
+                        "test split (memory bounded whatever the data's size; loss weighting only); auto: ray-data "
+                        "above 1 GiB of decoded training images (WINNOW_STREAM_BYTES) (default %(default)s)")
     p.add_argument("--weighting", choices=["loss", "sampling"], default=d.weighting,
                    help="manifest weights as per-sample loss weights or as sampling probabilities (with "
                         "replacement, unweighted loss) (default %(default)s)")
@@ -161,6 +162,7 @@ def run_train(cfg: TrainConfig, subset: Optional[tuple] = None, callbacks: Seque
                    "train_time_s": m.get("train_time_s"), "samples_seen": m["samples_seen"], "steps": m["steps"],
                    "passes": m["passes"], "train_size": n, "epochs": cfg.epochs, "budget": cfg.budget,
                    "weighting": cfg.weighting if cfg.manifest else None, "restarts": m.get("restarts", 0),
+                   "loader": m.get("loader"),
                    "history": m.get("history", []), "geometry": m.get("geometry"),
                    "robust_accuracy": m.get("robust_accuracy"), "data": cfg.data,
                    "data_rows": {"train": source.num_rows("train"), "test": source.num_rows("test")},

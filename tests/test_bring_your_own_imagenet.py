@@ -60,10 +60,11 @@ def test_score_select_train_on_every_format(ray_local, run_job, inet, tmp_path, 
     ids, _, _ = artifacts.read_manifest(manifest)
     code, out, err = run_job(train, ["--data", specs["webdataset"], "--image-size", "72", "--bad-images", "skip",
                                      "--manifest", manifest, "--epochs", "2", "--batch-size", "8",
+                                     "--loader", "ray-data",  # the shards' JPEG bytes stream, rrc-flip in the worker
                                      "--out", tmp_path / "train"])
     assert code == 0, err
     m = json.loads((tmp_path / "train" / "metrics.json").read_text())
     assert m["train_size"] == len(ids) == n_train // 2 and m["samples_seen"] == 2 * len(ids)
     assert m["transforms"] == {"train": "rrc-flip", "eval": "center-crop", "image_size": [72, 72]}
     assert m["data_rows"] == {"train": n_train, "test": len(CLASSES) * 2} and m["skipped_images"] == 1
-    assert 0.0 <= m["test_accuracy"] <= 1.0
+    assert 0.0 <= m["test_accuracy"] <= 1.0 and m["loader"] == "ray-data"

@@ -59,6 +59,36 @@ class ArraySplit:
                    "label": self.label[i:i + batch_size]}
 
 
+class StreamedSplit:
+    """A split read one partition at a time: what evaluation needs of an ``ArraySplit``
+    (``len``, ``batches``, ``head``) in memory bounded by a partition, whatever the split's size."""
+
+    def __init__(self, source: "Source", split: str, target_rows: int = 1024):
+        self.source, self.split, self.target_rows = source, split, target_rows
+
+    def __len__(self) -> int:
+        return self.source.num_rows(self.split)
+
+    def batches(self, batch_size: int) -> Iterator[dict]:
+        for part in self.source.partitions(self.split, self.target_rows):
+            for block in part.read():
+                yield from ArraySplit(block["sample_id"], block["image"], block["label"]).batches(batch_size)
+
+    def head(self, n: Optional[int]) -> ArraySplit:
+        """The first ``n`` rows (all if None or 0) in memory."""
+        got, rows = [], 0
+        for b in self.batches(1024):
+            got.append(b)
+            rows += len(b["sample_id"])
+            if n and rows >= n:
+                break
+        h, w, c = self.source.info().image_shape
+        if not got:
+            return ArraySplit(np.zeros(0, np.int64), np.zeros((0, h, w, c), np.uint8), np.zeros(0, np.int64))
+        whole = ArraySplit(*(np.concatenate([b[k] for b in got]) for k in ("sample_id", "image", "label")))
+        return whole if not n else ArraySplit(whole.sample_id[:n], whole.image[:n], whole.label[:n])
+
+
 class Partition(abc.ABC):
     """A picklable piece of a split that can be read on any node (one Ray Data read task)."""
 

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import ray
@@ -34,15 +35,22 @@ from engine.config import ScoreConfig
 from engine.data import load_source
 from engine.errors import user_error
 
-STREAM_BYTES = 1 << 30  # --proxy-loader auto: stream when the decoded training split is larger than this
+STREAM_BYTES = 1 << 30  # "auto" loaders stream above this many bytes of decoded images (WINNOW_STREAM_BYTES)
+
+
+def too_large_for_memory(source, rows: Optional[int] = None) -> bool:
+    """Whether ``rows`` (default: the training split's) decoded images exceed ``STREAM_BYTES``
+    (or ``$WINNOW_STREAM_BYTES``): the threshold of the "auto" loaders."""
+    h, w, c = source.info().image_shape
+    limit = int(os.environ.get("WINNOW_STREAM_BYTES") or STREAM_BYTES)
+    return (source.num_rows("train") if rows is None else rows) * h * w * c > limit
 
 
 def use_stream(cfg: ScoreConfig, source) -> bool:
-    """``--proxy-loader``: memory, stream, or auto (stream above ``STREAM_BYTES`` of decoded images)."""
+    """``--proxy-loader``: memory, stream, or auto (``too_large_for_memory``)."""
     if cfg.proxy_loader != "auto":
         return cfg.proxy_loader == "stream"
-    h, w, c = source.info().image_shape
-    return source.num_rows("train") * h * w * c > STREAM_BYTES
+    return too_large_for_memory(source)
 
 
 def _with_key(batch: dict, seed: int, epoch: int) -> dict:

@@ -31,8 +31,9 @@ from ray.train.torch import TorchTrainer
 from engine.artifacts import load_tensors, save_tensors
 from engine.config import TrainConfig, to_dict
 from engine.data import load_source
+from engine.data.base import StreamedSplit
 from engine.distributed.runtime import require_resources
-from engine.errors import DamagedFileError, RunFailedError, user_error
+from engine.errors import ConfigError, DamagedFileError, RunFailedError, user_error
 
 CHAOS_FILE = "chaos-fail-worker"  # touch RUN/_partial/chaos-fail-worker: rank 0 exits after its next checkpoint
 PARTIAL = "_partial"
@@ -75,7 +76,7 @@ def _train_loop(loop_cfg: dict) -> None:
         torch.set_num_threads(max(1, int(loop_cfg.get("threads", 1))))
     source = load_source(cfg.data)
     info = source.info()
-    stream = cfg.loader == "ray-data"
+    stream = loop_cfg["stream"]
     weight = None
     if stream:  # rows arrive from this worker's Ray Data shard; counts come from the driver
         train, n_rows, full_n = None, loop_cfg["rows"], loop_cfg["full_rows"]
@@ -87,7 +88,10 @@ def _train_loop(loop_cfg: dict) -> None:
             weight = np.asarray(loop_cfg["weight"], dtype=np.float64)
             weight = weight / weight.mean()
         n_rows = len(train)
-    test = source.arrays("test") if rank == 0 else None
+    if rank != 0:
+        test = None
+    else:  # streamed: the test split is evaluated one partition at a time
+        test = StreamedSplit(source, "test") if stream else source.arrays("test")
     transform = cfg.train_transform or info.train_transform
 
     seed_everything(cfg.seed)
@@ -174,11 +178,13 @@ def _array_augment(source, train, transform: str, seed: int, epoch: int):
 
 
 def _stream_augment(source, transform: str, seed: int, epoch: int):
-    """The same for streamed batches (which carry their ``sample_id``)."""
+    """The same for streamed batches (which carry their ``sample_id``; for ``rrc-flip`` on
+    encoded images, the files' bytes instead of images: decoded here, so no process holds them)."""
     if transform == "none":
         return None
-    return lambda batch: source.augment(np.asarray(batch["image"]), np.asarray(batch["sample_id"]), transform,
-                                        seed, epoch)
+    from engine.distributed.proxies import decode_augment
+
+    return lambda batch: decode_augment(batch, source.spec, transform, seed, epoch)["image"]
 
 
 def _stream_pass(model, opt, sched, info, device, penalty, cfg: TrainConfig, epoch: int, steps_left: int,
@@ -212,13 +218,21 @@ def _stream_pass(model, opt, sched, info, device, penalty, cfg: TrainConfig, epo
     return steps_total, rows_total, loss
 
 
-def train_dataset(source, ids: Optional[np.ndarray], weight: Optional[np.ndarray]):
+def _encoded_rows(source, transform: str) -> bool:
+    """Whether streamed rows carry encoded bytes (rrc-flip crops the original of an image file)."""
+    from engine.data.images import EncodedImages
+
+    return transform == "rrc-flip" and isinstance(source, EncodedImages) and source.encoded
+
+
+def train_dataset(source, ids: Optional[np.ndarray], weight: Optional[np.ndarray], encoded: bool = False):
     """The training split of ``source`` as a Ray Dataset read in parallel from its partitions,
     restricted to the manifest's ids with their weights (normalised to mean 1) as a
-    ``weight`` column; all rows with weight 1 without a manifest."""
+    ``weight`` column; all rows with weight 1 without a manifest. ``encoded``: image files'
+    rows carry their bytes (``read_source``)."""
     from engine.distributed.datasource import read_source
 
-    ds = read_source(source, "train")
+    ds = read_source(source, "train", encoded=encoded)
     if ids is None:
         return ds.map_batches(_with_unit_weight, batch_format="numpy")
     order = np.argsort(ids)
@@ -229,8 +243,7 @@ def train_dataset(source, ids: Optional[np.ndarray], weight: Optional[np.ndarray
 
 
 def _with_unit_weight(batch: dict) -> dict:
-    return {"sample_id": batch["sample_id"], "image": batch["image"], "label": batch["label"],
-            "weight": np.ones(len(batch["label"]), dtype=np.float32)}
+    return {**batch, "weight": np.ones(len(batch["label"]), dtype=np.float32)}
 
 
 def _subset_rows(batch: dict, ids: np.ndarray, weight: np.ndarray) -> dict:
@@ -238,8 +251,7 @@ def _subset_rows(batch: dict, ids: np.ndarray, weight: np.ndarray) -> dict:
     sid = np.asarray(batch["sample_id"], dtype=np.int64)
     pos = np.clip(np.searchsorted(ids, sid), 0, len(ids) - 1)
     keep = ids[pos] == sid
-    return {"sample_id": sid[keep], "image": batch["image"][keep], "label": batch["label"][keep],
-            "weight": weight[pos[keep]]}
+    return {**{k: np.asarray(v)[keep] for k, v in batch.items()}, "weight": weight[pos[keep]]}
 
 
 def _to_device(train, device: torch.device, limit_bytes: int = 2 << 30):
@@ -312,6 +324,8 @@ def _final_eval(cfg: TrainConfig, model, test, info, device) -> dict:
     from engine.evaluation import geometry_metrics, robust_accuracy
 
     n = cfg.eval_samples or None
+    if isinstance(test, StreamedSplit):
+        test = test.head(n)
     model.eval()
     if cfg.geometry:
         t0 = time.time()
@@ -426,18 +440,20 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
             if child.name != name:
                 shutil.rmtree(child, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
+    stream = resolve_loader(cfg, ids) == "ray-data"
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
     # the ray-data loader's read tasks need CPUs of their own: leave one free
-    spare = 1 if cfg.loader == "ray-data" else 0
+    spare = 1 if stream else 0
     cpus = cfg.cpus_per_worker or max(1, (total_cpus - spare) // cfg.workers)
     threads = max(1, int(cpus))
-    loop_cfg = {"cfg": cfg, "ids": ids, "weight": weight, "threads": threads, "work_dir": str(work)}
+    loop_cfg = {"cfg": cfg, "ids": ids, "weight": weight, "threads": threads, "work_dir": str(work), "stream": stream}
     datasets = None
-    if cfg.loader == "ray-data":  # rows stream to the workers; only counts travel in the config
+    if stream:  # rows stream to the workers; only counts travel in the config
         source = load_source(cfg.data)
         full = source.num_rows("train")
         loop_cfg.update(ids=None, weight=None, rows=full if ids is None else len(ids), full_rows=full)
-        datasets = {"train": train_dataset(source, ids, weight)}
+        transform = cfg.train_transform or source.info().train_transform
+        datasets = {"train": train_dataset(source, ids, weight, encoded=_encoded_rows(source, transform))}
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_cfg, datasets=datasets,
@@ -467,4 +483,21 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
         state = load_tensors(os.path.join(d, "model.pt"), "the trained model")
     save_tensors(out / "model.pt", state)
     metrics["wall_time_s"] = wall
+    metrics["loader"] = "ray-data" if stream else "memory"
     return metrics
+
+
+def resolve_loader(cfg: TrainConfig, ids: Optional[np.ndarray]) -> str:
+    """``--loader auto``: ray-data when the (sub)set's decoded images exceed the streaming
+    threshold (``engine.distributed.proxies.too_large_for_memory``), else memory. Weighted
+    sampling needs the in-memory loader: refused on data that large."""
+    if cfg.loader != "auto":
+        return cfg.loader
+    from engine.distributed.proxies import too_large_for_memory
+
+    large = too_large_for_memory(load_source(cfg.data), None if ids is None else len(ids))
+    if large and cfg.weighting == "sampling":
+        raise ConfigError("--weighting sampling needs the in-memory loader, and the training images are over the "
+                          "streaming threshold (1 GiB decoded, WINNOW_STREAM_BYTES): use --weighting loss, or "
+                          "--loader memory where the workers have the memory")
+    return "ray-data" if large else "memory"
