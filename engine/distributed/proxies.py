@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -133,6 +134,7 @@ def _proxy_loop(c: dict) -> None:
         _report(rank, 0, model, opt, sched, None, None, float("nan"), keep)
     for epoch in range(start, epochs + 1):
         model.train()
+        t0 = time.time()
         ids, hits, total, rows = [], [], 0.0, 0
         shard = ray.train.get_dataset_shard(f"e{epoch}")
         for batch in shard.iter_batches(batch_size=max(1, B // world), batch_format="numpy"):
@@ -145,6 +147,10 @@ def _proxy_loop(c: dict) -> None:
             rows += len(y)
         ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         hits = np.concatenate(hits) if hits else np.zeros(0, bool)
+        if rank == 0:
+            print(f"proxy seed {seed}: epoch {epoch}/{epochs} loss {total / max(rows, 1):.4f} train-acc "
+                  f"{hits.mean() if len(hits) else 0:.3f} ({rows} rows in {time.time() - t0:.1f}s, rank 0 of {world})",
+                  flush=True)
         _report(rank, epoch, model, opt, sched, ids, hits, total / max(rows, 1), keep)
 
 

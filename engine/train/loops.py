@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional
@@ -273,12 +274,14 @@ def fit_proxy(
     states = {0: _cpu_state(model)} if 0 in wanted else {}
     history, losses = [], []
     for epoch in range(1, epochs + 1):
+        t0 = time.time()
         batches = keyed_batches(split.sample_id, optim.batch_size, seed, epoch)
         images = None if augment is None else (lambda idx, e=epoch: augment(idx, e))
         loss, correct = train_epoch(model, opt, sched, split, info, batches, device, images=images)
         history.append(correct)
         losses.append(loss)
-        log(f"proxy seed {seed}: epoch {epoch}/{epochs} loss {loss:.4f} train-acc {correct.mean():.3f}")
+        log(f"proxy seed {seed}: epoch {epoch}/{epochs} loss {loss:.4f} train-acc {correct.mean():.3f} "
+            f"({len(split)} rows in {time.time() - t0:.1f}s)")
         if epoch in wanted:
             states[epoch] = _cpu_state(model)
     return ProxyRun(seed, states, np.stack(history), split.sample_id.copy(), losses, split.label.copy())
