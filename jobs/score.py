@@ -165,7 +165,7 @@ def run_score(cfg: ScoreConfig) -> Path:
     with output_dir(cfg.out, keep=(PARTIAL,)) as out:
         work = out / PARTIAL
         t0 = time.time()
-        runs = _proxies(cfg, keep, work)
+        runs = _proxies(cfg, keep, work, source)
         print(f"stage proxies: {cfg.seeds} proxies x {cfg.epochs} epochs in {time.time() - t0:.1f}s")
         if plan or embed:
             t0 = time.time()
@@ -193,7 +193,7 @@ def run_score(cfg: ScoreConfig) -> Path:
 PARTIAL = "_partial"  # RUN/_partial: proxy checkpoints and scoring shards of an unfinished run
 
 
-def _proxies(cfg: ScoreConfig, keep: tuple, work: Path) -> list:
+def _proxies(cfg: ScoreConfig, keep: tuple, work: Path, source) -> list:
     """Train the proxies, or load them from an interrupted run of the same configuration."""
     from engine.distributed.scoring import train_proxies
 
@@ -204,8 +204,8 @@ def _proxies(cfg: ScoreConfig, keep: tuple, work: Path) -> list:
         return runs
     from engine.distributed.proxies import train_proxies_streamed, use_stream
 
-    if cfg.epochs > 0 and use_stream(cfg, load_source(cfg.data)):
-        runs = train_proxies_streamed(cfg, keep, work, path.stem)
+    if cfg.epochs > 0 and use_stream(cfg, source):
+        runs = train_proxies_streamed(cfg, keep, work, path.stem, source)
     else:
         runs = train_proxies(cfg, keep)
     work.mkdir(parents=True, exist_ok=True)

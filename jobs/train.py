@@ -127,12 +127,12 @@ def load_subset(cfg: TrainConfig):
     """Check names, data and manifest before Ray starts. Returns (ids, weight, train size,
     manifest hash) with ids/weight None for full-data training."""
     check_model_name(cfg.model)
+    source = load_source(cfg.data)
     if cfg.model_options:
         from engine.models import build_model
 
-        info = load_source(cfg.data).info()
+        info = source.info()
         build_model(cfg.model, info.image_shape[2], info.num_classes, info.image_shape[0], **cfg.model_options)
-    source = load_source(cfg.data)
     n_train = source.num_rows("train")
     if cfg.manifest is None:
         return None, None, n_train, None

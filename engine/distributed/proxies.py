@@ -197,13 +197,13 @@ def _collect(checkpoints: list, seed: int, epochs: int, keep, all_ids: np.ndarra
     return ProxyRun(seed, {e: states[e] for e in sorted(keep)}, correct, all_ids.copy(), losses, labels.copy())
 
 
-def train_proxies_streamed(cfg: ScoreConfig, keep: tuple, work: Path, name: str) -> list:
+def train_proxies_streamed(cfg: ScoreConfig, keep: tuple, work: Path, name: str, source=None) -> list:
     """Seeds 0..S-1 as Ray Train fits reading streamed Ray Datasets (see the module's text);
     returns ``ProxyRun``s in seed order. ``name``: the configuration's fingerprint (a rerun of
     the same configuration resumes; other runs' checkpoints are dropped)."""
     from engine.distributed.runtime import _alive_node_resources, require_resources, units_that_fit
 
-    source = load_source(cfg.data)
+    source = source if source is not None else load_source(cfg.data)
     info = source.info()
     transform = cfg.train_transform or info.train_transform
     ids, labels = source.ids_and_labels("train")

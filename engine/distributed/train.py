@@ -440,7 +440,8 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
             if child.name != name:
                 shutil.rmtree(child, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    stream = resolve_loader(cfg, ids) == "ray-data"
+    source = load_source(cfg.data)  # listed once here (an image folder on S3 is a long listing)
+    stream = resolve_loader(cfg, ids, source) == "ray-data"
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
     # the ray-data loader's read tasks need CPUs of their own: leave one free
     spare = 1 if stream else 0
@@ -449,7 +450,6 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
     loop_cfg = {"cfg": cfg, "ids": ids, "weight": weight, "threads": threads, "work_dir": str(work), "stream": stream}
     datasets = None
     if stream:  # rows stream to the workers; only counts travel in the config
-        source = load_source(cfg.data)
         full = source.num_rows("train")
         loop_cfg.update(ids=None, weight=None, rows=full if ids is None else len(ids), full_rows=full)
         transform = cfg.train_transform or source.info().train_transform
@@ -487,7 +487,7 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
     return metrics
 
 
-def resolve_loader(cfg: TrainConfig, ids: Optional[np.ndarray]) -> str:
+def resolve_loader(cfg: TrainConfig, ids: Optional[np.ndarray], source) -> str:
     """``--loader auto``: ray-data when the (sub)set's decoded images exceed the streaming
     threshold (``engine.distributed.proxies.too_large_for_memory``), else memory. Weighted
     sampling needs the in-memory loader: refused on data that large."""
@@ -495,7 +495,7 @@ def resolve_loader(cfg: TrainConfig, ids: Optional[np.ndarray]) -> str:
         return cfg.loader
     from engine.distributed.proxies import too_large_for_memory
 
-    large = too_large_for_memory(load_source(cfg.data), None if ids is None else len(ids))
+    large = too_large_for_memory(source, None if ids is None else len(ids))
     if large and cfg.weighting == "sampling":
         raise ConfigError("--weighting sampling needs the in-memory loader, and the training images are over the "
                           "streaming threshold (1 GiB decoded, WINNOW_STREAM_BYTES): use --weighting loss, or "
