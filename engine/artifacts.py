@@ -19,13 +19,13 @@ import platform
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.errors import DamagedFileError, DataError, RefusedFileError
+from engine.errors import DamagedFileError, DataError, RefusedFileError, WriteFailedError
 
 META_KEY = b"winnow"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -64,8 +64,11 @@ def environment() -> dict:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise WriteFailedError(f"cannot write {path}: {e.strerror or e}") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide shared run directories
@@ -73,6 +76,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, a directory made read-only under the job: no .tmp left
+        Path(tmp).unlink(missing_ok=True)
+        raise WriteFailedError(f"cannot write {path} ({len(data) / 2**20:.1f} MiB): {e.strerror or e}; nothing "
+                               f"was written") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -167,6 +174,21 @@ def _require_columns(table: pa.Table, cols: list[str], what: str, path) -> None:
         raise DataError(f"{what} {str(path)!r} lacks column(s) {missing}; it has {table.column_names}")
 
 
+def _int_column(table: pa.Table, name: str, what: str, path, min_value: Optional[int] = None) -> np.ndarray:
+    """An integer column without nulls (and >= ``min_value``) as int64; DataError naming the
+    file otherwise (a float or string column is refused, never truncated or parsed)."""
+    col = table.column(name)
+    if not pa.types.is_integer(col.type):
+        raise DataError(f"{what} {str(path)!r}: column {name!r} must hold integers, got {col.type}")
+    if col.null_count:
+        raise DataError(f"{what} {str(path)!r}: column {name!r} has {col.null_count} null value(s)")
+    values = col.to_numpy().astype(np.int64)
+    if min_value is not None and len(values) and values.min() < min_value:
+        raise DataError(f"{what} {str(path)!r}: column {name!r} holds {int(values.min())}; values must be "
+                        f">= {min_value}")
+    return values
+
+
 def _unique_ids(ids: np.ndarray, what: str, path) -> None:
     uniq, counts = np.unique(ids, return_counts=True)
     if len(uniq) != len(ids):
@@ -179,7 +201,8 @@ def read_scores(path: str | Path) -> Tuple[pa.Table, dict]:
     sorted by sample_id so selectors see a deterministic order."""
     table, meta = read_table(path, "score table")
     _require_columns(table, ["sample_id", "label"], "score table", path)
-    ids = table.column("sample_id").to_numpy()
+    ids = _int_column(table, "sample_id", "score table", path)
+    _int_column(table, "label", "score table", path, min_value=0)
     _unique_ids(ids, "score table", path)
     return table.take(np.argsort(ids, kind="stable")), meta
 
@@ -203,8 +226,11 @@ def read_manifest(path: str | Path) -> Tuple[np.ndarray, np.ndarray, dict]:
     """Read and check a manifest: unique ids, finite non-negative weights with a positive sum."""
     table, meta = read_table(path, "manifest")
     _require_columns(table, ["sample_id", "weight"], "manifest", path)
-    ids = table.column("sample_id").to_numpy().astype(np.int64)
-    weight = table.column("weight").to_numpy().astype(np.float64)
+    ids = _int_column(table, "sample_id", "manifest", path)
+    col = table.column("weight")
+    if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)) or col.null_count:
+        raise DataError(f"manifest {str(path)!r}: column 'weight' must hold numbers without nulls, got {col.type}")
+    weight = col.to_numpy().astype(np.float64)
     if len(ids) == 0:
         raise DataError(f"manifest {str(path)!r} selects no sample")
     _unique_ids(ids, "manifest", path)

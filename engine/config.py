@@ -7,6 +7,8 @@ rejects unknown keys. ``validate()`` raises ConfigError naming the field.
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Tuple, Type, TypeVar
 
@@ -25,6 +27,7 @@ class OptimConfig:
     weight_decay: float = 5e-4     # L2 on all parameters
 
     def validate(self) -> None:
+        check_types(self)
         _positive(self, "batch_size", "lr")
         _in_range(self, "momentum", 0.0, 1.0)
         _in_range(self, "weight_decay", 0.0, 1.0)
@@ -55,6 +58,7 @@ class ScoreConfig:
     out: str = "runs/score"            # run directory
 
     def validate(self) -> None:
+        check_types(self)
         _positive(self, "seeds", "actors", "min_actors", "score_batch_size")
         if self.min_actors > self.actors:
             raise ConfigError(f"min_actors ({self.min_actors}) is more than actors ({self.actors})")
@@ -75,6 +79,11 @@ class ScoreConfig:
         for e in self.score_epochs or ():
             if not 0 <= e <= self.epochs:
                 raise ConfigError(f"score_epochs: epoch {e} is outside 0..epochs ({self.epochs})")
+        if self.embedding_dim < 0:
+            raise ConfigError(f"embedding_dim must be 0 (none) or more, got {self.embedding_dim!r}")
+        from engine.scores import check_params
+
+        check_params(self.score_params)
         self.optim.validate()
 
     @property
@@ -116,7 +125,14 @@ class TrainConfig:
     out: str = "runs/train"            # run directory (metrics.json, checkpoints)
 
     def validate(self) -> None:
+        check_types(self)
         _positive(self, "epochs", "workers", "pgd_steps")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be 0 or more, got {self.seed!r}")
+        if self.checkpoint_storage is not None:
+            from engine.storage import check_uri
+
+            check_uri(self.checkpoint_storage, "checkpoint_storage")
         _in_range(self, "gpus", 0, 64)
         if self.budget not in ("epochs", "steps"):
             raise ConfigError(f"budget must be 'epochs' or 'steps', got {self.budget!r}")
@@ -166,6 +182,51 @@ class TrainConfig:
         if self.bn_gamma is not None:
             opts["bn_gamma"] = self.bn_gamma
         return opts
+
+
+def check_types(cfg: Any) -> None:
+    """Every field of a config dataclass holds a value of its declared type: an ``int`` field an
+    integer (not 2.5, not true), a ``float`` field a finite number (not NaN, not inf, not a
+    string), a ``bool`` field true or false, tuples their element type; ConfigError names the
+    field. Runs first in every ``validate()``, so a YAML and a flag are held to the same types."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        _check_type(f.name, getattr(cfg, f.name), hints[f.name])
+
+
+def _check_type(name: str, v: Any, tp: Any) -> None:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if v is None and type(None) in args:
+            return
+        (tp,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(v, tp):
+            raise ConfigError(f"{name} must be a {tp.__name__}, got {v!r}")
+        check_types(v)
+        return
+    if origin is tuple:
+        if not isinstance(v, (tuple, list)):
+            raise ConfigError(f"{name} must be a list, got {v!r}")
+        for i, item in enumerate(v):
+            _check_type(f"{name}[{i}]", item, args[0])
+        return
+    if tp is bool:
+        ok, what = isinstance(v, bool), "true or false"
+    elif tp is int:
+        ok, what = isinstance(v, int) and not isinstance(v, bool), "an integer"
+    elif tp is float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        what = "a finite number"
+    elif tp is str:
+        ok, what = isinstance(v, str), "a string"
+    elif tp is dict or origin is dict:
+        ok, what = isinstance(v, dict), "a mapping"
+    else:
+        return
+    if not ok:
+        raise ConfigError(f"{name} must be {what}, got {v!r}")
 
 
 def from_dict(cls: Type[C], d: dict) -> C:

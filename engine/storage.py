@@ -17,8 +17,10 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Optional
 
 from engine.errors import ConfigError
 
@@ -29,6 +31,56 @@ SUCCESS = "_SUCCESS"
 
 def is_uri(path: str | os.PathLike) -> bool:
     return bool(URI.match(str(path)))
+
+
+# the URI schemes pyarrow.fs opens (FileSystem.from_uri); anything else is a typo, refused early
+SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "az")
+MIN_FREE = 16 << 20  # an output directory's disk must have this much free besides what is known to be needed
+
+
+def check_uri(value: str, what: str) -> None:
+    """A URI's scheme is one Winnow can write to (no network access: credentials and buckets
+    are checked when the store is opened)."""
+    if is_uri(value):
+        scheme = str(value).split("://", 1)[0].lower()
+        if scheme not in SCHEMES:
+            raise ConfigError(f"{what} {str(value)!r}: unknown filesystem scheme '{scheme}://'; use a local path "
+                              f"or one of {', '.join(s + '://' for s in SCHEMES)}")
+
+
+def check_output(path: str | os.PathLike, what: str = "--out", *, file: bool = False,
+                 inputs: Iterable[Optional[str]] = (), need_bytes: int = 0) -> None:
+    """Before any work starts: the job can write its output ``path`` (a directory, or with
+    ``file`` a file). It is none of the command's ``inputs``; the nearest existing directory on
+    its way takes a new file (probed by creating and removing one, which is also right as root
+    and on read-only mounts); its disk has ``need_bytes`` + 16 MiB free. URIs: the scheme only."""
+    if is_uri(path):
+        check_uri(str(path), what)
+        return
+    target = Path(path).expanduser().resolve()
+    for given in inputs:
+        if given and not is_uri(given) and Path(given).expanduser().resolve() == target:
+            raise ConfigError(f"{what} {str(path)!r} is also an input of this command ({given}); writing there "
+                              f"would destroy it: give another {what}")
+    if file and target.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a directory; give the file's name")
+    if not file and target.exists() and not target.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} exists and is not a directory")
+    where = target.parent if file else target
+    while not where.exists():
+        where = where.parent
+    if not where.is_dir():
+        raise ConfigError(f"{what} {str(path)!r}: {where} is a file, so nothing can be created below it")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".winnow-probe-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{what} {str(path)!r}: cannot write in {where} ({e.strerror or e})") from None
+    free = shutil.disk_usage(where).free
+    if free < need_bytes + MIN_FREE:
+        raise ConfigError(f"{what} {str(path)!r}: only {free / 2**20:.1f} MiB free on the disk of {where}; this "
+                          f"output needs about {(need_bytes + MIN_FREE) / 2**20:.1f} MiB")
 
 
 def cache_root() -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import signal
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 from engine.config import OptimConfig
-from engine.errors import ConfigError, user_error
+from engine.errors import ConfigError, one_line, user_error
 from engine.runlock import LOCK_NAME
 
 
@@ -81,8 +82,31 @@ def run(job: str, main: Callable[[Sequence[str]], None], argv: Optional[Sequence
         err = user_error(exc)
         if err is None:
             raise
-        print(f"{job}: error: {err}", file=sys.stderr)
+        where = _log_remote_traceback(job, exc, err)
+        print(f"{job}: error: {one_line(err)}" + (f" (traceback: {where})" if where else ""), file=sys.stderr)
         return getattr(err, "exit_code", 2)
+
+
+def _log_remote_traceback(job: str, exc: BaseException, err: BaseException) -> Optional[str]:
+    """An error that came out of a Ray task, actor or worker: its whole chain of tracebacks
+    (the remote one included) goes to ``~/.cache/winnow/logs/<job>-<time>-<pid>.log``, whose
+    path the one console line names. The run directory cannot hold it: a failed job leaves no
+    run directory it created. Errors raised in the driver need no log (the line says it all)."""
+    import time
+    import traceback
+
+    if err is exc:
+        return None
+    try:
+        from engine.storage import cache_root
+
+        logs = cache_root() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        path = logs / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text("".join(traceback.format_exception(exc)))
+        return str(path)
+    except OSError:
+        return None
 
 
 def entry(job: str, main: Callable[[Sequence[str]], None]) -> None:

@@ -9,6 +9,7 @@ Stages: 1 proxies + scores (jobs.score), 2 selections (jobs.select), 3 retrainin
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,15 +40,30 @@ def build_parser() -> Parser:
     p.add_argument("--gpus", type=int, default=0, help="GPUs per Ray Train worker and per scoring actor")
     p.add_argument("--out", default="runs/pipeline", help="run directory (default %(default)s)")
     p.add_argument("--smoke-test", action="store_true", help="1 seed, 1 proxy epoch, 1 retraining epoch, fraction 0.3")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: discard what an earlier run of this --out finished (OUT/score, OUT/select, "
+                        "OUT/train; by default a rerun reuses the score table and the retraining runs it finds "
+                        "with the same configuration)")
     return p
 
 
+SCORELESS = ("random",)  # selectors that read no score column
+
+
 def parse_selectors(text: str) -> List[Tuple[str, str | None]]:
+    """``"random,topk:el2n,geda"`` -> [(name, column)], each column the one given or the
+    selector's default (jobs.select.DEFAULT_COLUMN), so that scoring computes every column a
+    selection will read: a selector without one fails here, not after scoring."""
+    from jobs.select import DEFAULT_COLUMN
+
     out = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
         name, _, column = item.partition(":")
         SELECTORS[name]  # unknown name -> ConfigError listing the known ones
-        out.append((name, column or None))
+        column = column or DEFAULT_COLUMN.get(name)
+        if column is None and name not in SCORELESS:
+            raise ConfigError(f"--selectors: {name} ranks by a score column: write {name}:COLUMN, e.g. {name}:el2n")
+        out.append((name, column))
     if not out:
         raise ConfigError("--selectors: give at least one selector")
     return out
@@ -60,11 +76,17 @@ def plan(argv: Sequence[str]):
         a.seeds, a.proxy_epochs, a.epochs, a.fractions = 1, 1, 1, (0.3,)
     fractions = tuple(check_fraction(f) for f in a.fractions)
     selectors = parse_selectors(a.selectors)
-    columns = sorted({c for _, c in selectors if c})
+    from jobs.select import EMBEDDING_SELECTORS
+
+    columns = sorted({c for n, c in selectors if c and n not in EMBEDDING_SELECTORS})
     scores = tuple(dict.fromkeys([*columns] or ["el2n"]))
+    embed = 512 if any(n in EMBEDDING_SELECTORS for n, _ in selectors) else 0
     out = Path(a.out)
+    from engine.storage import check_output
+
+    check_output(a.out, "--out")
     score_cfg = ScoreConfig(data=a.data, model=a.model, scores=scores, seeds=a.seeds, epochs=a.proxy_epochs,
-                            gpus_per_actor=float(a.gpus), out=str(out / "score"))
+                            gpus_per_actor=float(a.gpus), embedding_dim=embed, out=str(out / "score"))
     score_cfg.validate()
     from engine.scores import parse_score_names
 
@@ -83,9 +105,10 @@ def run_pipeline(score_cfg, selectors, fractions, train_cfg, out: Path) -> list:
 
     check_inputs(score_cfg)
     rows = []
-    with output_dir(out):
+    # a failure in a later stage keeps what earlier stages finished; a rerun reuses it
+    with output_dir(out, keep=("score", "select", "train")):
         print("== stage 1/3: proxy training and scoring")
-        scores_path = run_score(score_cfg)
+        scores_path = finished_scores(score_cfg) or run_score(score_cfg)
         print("== stage 2/3: selection")
         runs = [("full", None, 1.0, None)]
         for frac in fractions:
@@ -97,7 +120,8 @@ def run_pipeline(score_cfg, selectors, fractions, train_cfg, out: Path) -> list:
         for i, (label, _, frac, manifest) in enumerate(runs, 1):
             tag = Path(manifest).stem if manifest else "full"
             print(f"-- run {i}/{len(runs)}: {label} fraction {frac}")
-            m = run_train(replace(train_cfg, manifest=manifest, out=str(out / "train" / tag)))
+            cfg = replace(train_cfg, manifest=manifest, out=str(out / "train" / tag))
+            m = finished_run(cfg) or run_train(cfg)
             rows.append({"selector": label, "fraction": frac, "test_accuracy": m["test_accuracy"],
                          "train_time_s": m["train_time_s"], "wall_time_s": m["wall_time_s"],
                          "train_size": m["train_size"]})
@@ -106,6 +130,40 @@ def run_pipeline(score_cfg, selectors, fractions, train_cfg, out: Path) -> list:
         artifacts.write_json(out / "results.json", {"rows": rows, "environment": artifacts.environment()})
     print(table)
     return rows
+
+
+def _same_config(recorded, cfg) -> bool:
+    """Whether a recorded config (from an artifact's metadata) is ``cfg``'s, as JSON."""
+    from engine.config import to_dict
+
+    return recorded is not None and json.loads(json.dumps(to_dict(cfg), default=str)) == recorded
+
+
+def finished_scores(cfg: ScoreConfig):
+    """OUT/score/scores.parquet of an earlier run of this pipeline with the same score config
+    (kept when a later stage failed), or None."""
+    path = Path(cfg.out) / "scores.parquet"
+    if not path.is_file():
+        return None
+    _, meta = artifacts.read_table(path, "score table")
+    if not _same_config(meta.get("config"), cfg):
+        return None
+    print(f"reusing {path}: scored by an earlier run of this pipeline with the same configuration")
+    return path
+
+
+def finished_run(cfg: TrainConfig):
+    """metrics.json of a retraining run that an earlier run of this pipeline finished with the
+    same config and manifest, or None."""
+    path = Path(cfg.out) / "metrics.json"
+    if not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    same_manifest = cfg.manifest is None or m.get("manifest_hash") == artifacts.file_hash(cfg.manifest)
+    if not (same_manifest and _same_config(m.get("config"), cfg)):
+        return None
+    print(f"reusing {path}: finished by an earlier run of this pipeline")
+    return m
 
 
 def format_table(rows: list) -> str:
@@ -125,9 +183,17 @@ def main(argv: Sequence[str]) -> None:
     from jobs.score import check_inputs
 
     target = build_parser().parse_args(argv).out
+    plan(argv)  # every flag checked, and --out writable, before the run directory is touched
     with staged_output(target) as local, run_lock(local, "jobs.pipeline"):
         score_cfg, selectors, fractions, train_cfg, out = plan([*argv, "--out", local])
         check_inputs(score_cfg)
+        if build_parser().parse_args(argv).fresh:
+            import shutil
+
+            gone = [str(out / d) for d in ("score", "select", "train") if (out / d).exists()]
+            for d in gone:
+                shutil.rmtree(d)
+            print(f"--fresh: removed {', '.join(gone)}" if gone else "--fresh: nothing to discard", flush=True)
         with ray_session():
             run_pipeline(score_cfg, selectors, fractions, train_cfg, out)
     where = f"{target}/results.md" if target != local else out / "results.md"

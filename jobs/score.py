@@ -121,14 +121,21 @@ def parse_score_params(text: str) -> dict:
         score, dot, name = key.partition(".")
         if not sep or not dot or not score or not name:
             raise argparse.ArgumentTypeError(f"expected SCORE.PARAM=VALUE, got {item!r}")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                pass
-        out.setdefault(score, {})[name] = value
+        out.setdefault(score, {})[name] = _param_value(value.strip())
     return out
+
+
+def _param_value(text: str):
+    """'20' -> 20, '0.1' -> 0.1, 'true'/'false' -> bool, anything else stays a string (the
+    scorer's declared type decides whether it is welcome: engine.scores.check_params)."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 def scoring_plan(cfg: ScoreConfig, info) -> tuple:
@@ -143,10 +150,14 @@ def scoring_plan(cfg: ScoreConfig, info) -> tuple:
 
 
 def check_inputs(cfg: ScoreConfig):
-    """Everything that can be checked before Ray starts: names, data spec, model."""
+    """Everything that can be checked before Ray starts: names, data spec, model, and that
+    --out can take the score table (8 bytes per row and column, a mean and a std per score)."""
     check_model_name(cfg.model)
     source = load_source(cfg.data)
     source.info()
+    from engine.storage import check_output
+
+    check_output(cfg.out, "--out", need_bytes=source.num_rows("train") * 8 * (2 + 2 * len(cfg.scores)))
     return source
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from engine import artifacts
 from engine.errors import ConfigError, DataError
-from engine.select import SELECTORS
+from engine.select import SELECTORS, check_selector_params
 from engine.select.quota import check_fraction
 from jobs._cli import Parser, entry
 
@@ -58,6 +58,8 @@ def run_select(scores: str, selector: str, fraction: float, out: str, column: Op
     are dropped so each selector keeps its defaults."""
     fn = SELECTORS[selector]
     fraction = check_fraction(fraction)
+    params = {k: v for k, v in {**params, "offset": offset}.items() if v is not None}
+    check_selector_params(selector, {**params, "seed": seed})  # before any file is read
     table, score_meta = artifacts.read_scores(scores)
     column = column or DEFAULT_COLUMN.get(selector)
     ids = table.column("sample_id").to_numpy()
@@ -66,7 +68,6 @@ def run_select(scores: str, selector: str, fraction: float, out: str, column: Op
         values, source = _embeddings(embeddings or str(Path(scores).parent / "embeddings.parquet"), column, ids)
     else:
         values, source = _score_column(table, column, scores), scores
-    params = {k: v for k, v in {**params, "offset": offset}.items() if v is not None}
     if selector == "geda" and params.get("solver", "exact") != "exact":
         params["mapper"] = _class_mapper()
     sel = fn(values, np.zeros_like(labels) if global_ else labels, fraction, seed=seed, **params)
@@ -119,9 +120,11 @@ def _class_mapper():
 
 def main(argv: Sequence[str]) -> None:
     a = build_parser().parse_args(argv)
-    if Path(a.out).is_dir():
-        raise ConfigError(f"--out {a.out!r} is a directory; give the manifest's file name")
-    from engine.storage import staged_file
+    from engine.storage import check_output, staged_file
+
+    embeddings = a.embeddings or str(Path(a.scores).parent / "embeddings.parquet")
+    scores_size = Path(a.scores).stat().st_size if Path(a.scores).is_file() else 0
+    check_output(a.out, "--out", file=True, inputs=(a.scores, embeddings), need_bytes=scores_size)
 
     with staged_file(a.out) as local:
         run_select(a.scores, a.selector, a.fraction, local, a.column, a.offset, a.seed, a.global_, a.embeddings,

@@ -38,6 +38,8 @@ import numpy as np
 from engine import artifacts
 from engine.config import ScoreConfig, TrainConfig, from_dict
 from engine.errors import ConfigError, RunFailedError
+from engine.params import Rule, at_least, check_value, positive
+from engine.select import check_selector_params
 from jobs._cli import Parser, entry, output_dir
 
 TOP_KEYS = {"name", "data", "model", "score", "scores_path", "train", "param_space", "variants",
@@ -177,16 +179,21 @@ def expand_trials(spec: dict) -> List[dict]:
     from engine.select.quota import check_fraction
 
     grid, trials, seen = _grid(spec), [], set()
-    for sel in grid["selector"]:
+    for i, sel in enumerate(grid["selector"]):
+        check_value(f"param_space.selector[{i}]", sel, "")
         name, column = parse_selection(sel)
-        for frac in grid["fraction"]:
+        for j, frac in enumerate(grid["fraction"]):
+            if isinstance(frac, bool) or not isinstance(frac, (int, float)):
+                raise ConfigError(f"param_space.fraction[{j}]: expected a number in (0, 1], got {frac!r}")
             f = 1.0 if name == "full" else check_fraction(frac)
-            for seed in grid["seed"]:
-                for lam in grid["curvature_lambda"]:
+            for i, seed in enumerate(grid["seed"]):
+                seed = check_value(f"param_space.seed[{i}]", seed, 0, at_least(0))
+                for j, lam in enumerate(grid["curvature_lambda"]):
+                    lam = check_value(f"param_space.curvature_lambda[{j}]", lam, 0.0, at_least(0))
                     for var in grid["variant"]:
                         _variant(spec, var)
                         t = {"selector": name, "column": column, "label": str(sel), "fraction": f,
-                             "seed": int(seed), "curvature_lambda": float(lam), "variant": str(var)}
+                             "seed": seed, "curvature_lambda": lam, "variant": str(var)}
                         t["key"] = trial_key(t)
                         if t["key"] not in seen:
                             seen.add(t["key"])
@@ -220,9 +227,43 @@ def resources(spec: dict) -> dict:
     unknown = sorted(set(r) - RESOURCE_KEYS)
     if unknown:
         raise ConfigError(f"resources: unknown key(s) {unknown}; known: {sorted(RESOURCE_KEYS)}")
-    if not r["cpus_per_trial"] > 0 or r["gpus_per_trial"] < 0 or int(r["workers_per_trial"]) < 1:
-        raise ConfigError(f"resources: need cpus_per_trial > 0, gpus_per_trial >= 0, workers_per_trial >= 1; got {r}")
-    return r
+    rules = {"cpus_per_trial": (1.0, positive()), "gpus_per_trial": (0.0, at_least(0)),
+             "workers_per_trial": (1, at_least(1)), "max_concurrent_trials": (0, at_least(0))}
+    return {k: check_value(f"resources.{k}", r[k], *rules[k]) for k in r}
+
+
+def check_asha(asha) -> Optional[dict]:
+    """``asha``: null, or ``{grace_period: passes >= 1, reduction_factor: > 1}``."""
+    if asha is None or asha is False:
+        return None
+    if not isinstance(asha, dict):
+        raise ConfigError(f"asha must be null or a mapping with grace_period and reduction_factor, got {asha!r}")
+    unknown = sorted(set(asha) - {"grace_period", "reduction_factor"})
+    if unknown:
+        raise ConfigError(f"asha: unknown key(s) {unknown}; known: ['grace_period', 'reduction_factor']")
+    return {"grace_period": check_value("asha.grace_period", asha.get("grace_period", 1), 1, at_least(1)),
+            "reduction_factor": check_value("asha.reduction_factor", asha.get("reduction_factor", 2), 2.0,
+                                            Rule(lo=1, lo_open=True))}
+
+
+def check_spec(spec: dict) -> None:
+    """The YAML's types and ranges, section by section, before anything runs (the per-trial
+    and per-stage configs are checked by ``plan`` as they are built)."""
+    for k in ("name", "data", "model", "description", "scores_path"):
+        if spec.get(k) is not None and not isinstance(spec[k], str):
+            raise ConfigError(f"{k} must be a string, got {spec[k]!r}")
+    for k in ("score", "train", "param_space", "variants", "selector_params", "resources"):
+        if spec.get(k) is not None and not isinstance(spec[k], dict):
+            raise ConfigError(f"{k} must be a mapping, got {spec[k]!r}")
+    check_asha(spec.get("asha"))
+    resources(spec)
+    for name, params in (spec.get("selector_params") or {}).items():
+        check_selector_params(str(name), dict(params or {}) if isinstance(params, dict) else params)
+    for name, opts in (spec.get("variants") or {}).items():
+        if opts is not None and not isinstance(opts, dict):
+            raise ConfigError(f"variants.{name} must be a mapping of model options, got {opts!r}")
+        if "lcnn" in (opts or {}) and not isinstance(opts["lcnn"], bool):
+            raise ConfigError(f"variants.{name}.lcnn must be true or false, got {opts['lcnn']!r}")
 
 
 def trial_train_config(base: TrainConfig, t: dict, spec: dict, out: Path) -> TrainConfig:
@@ -248,9 +289,12 @@ def manifest_name(t: dict) -> str:
 
 def plan(spec: dict, out: Path):
     """Everything checked before Ray starts: names, fields, data, models."""
+    from engine.storage import check_output
     from jobs.score import check_inputs
     from jobs.train import load_subset
 
+    check_output(out, "--out")
+    check_spec(spec)
     trials = expand_trials(spec)
     base = base_train_config(spec)
     score_cfg = None
@@ -346,7 +390,7 @@ def stage_tune(spec: dict, trials: Sequence[dict], base: TrainConfig, out: Path)
     print(f"== tune: {len(todo)} trial(s), {n} at a time; results under {out / 'tune' / spec['name']}")
     grid = run_tuner(run_trial, todo, params={"spec": spec, "out": str(out.resolve())},
                      storage=str((out / "tune").resolve()), name=spec["name"], max_concurrent=n,
-                     asha=spec.get("asha"), max_t=base.epochs)
+                     asha=check_asha(spec.get("asha")), max_t=base.epochs)
     errors = trial_errors(grid)
     if spec.get("asha"):
         for res in grid:
@@ -483,9 +527,12 @@ def main(argv: Sequence[str]) -> None:
     spec = load_spec(a.config, a.smoke_test, parse_overrides(a.set))
     from engine.distributed.runtime import ray_session
     from engine.runlock import run_lock
-    from engine.storage import staged_output
+    from engine.storage import check_output, staged_output
 
-    with staged_output(a.out or f"runs/sweeps/{spec['name']}") as local, run_lock(local, "jobs.sweep"):
+    target = a.out or f"runs/sweeps/{spec['name']}"
+    check_output(target, "--out")
+    check_spec(spec)  # the whole YAML before the run directory is touched
+    with staged_output(target) as local, run_lock(local, "jobs.sweep"):
         out = Path(local)
         planned = plan(spec, out)  # a bad YAML fails here, before Ray starts
         with ray_session():

@@ -127,6 +127,11 @@ def load_subset(cfg: TrainConfig):
     """Check names, data and manifest before Ray starts. Returns (ids, weight, train size,
     manifest hash) with ids/weight None for full-data training."""
     check_model_name(cfg.model)
+    from engine.storage import check_output
+
+    check_output(cfg.out, "--out", inputs=(cfg.manifest,))
+    if cfg.checkpoint_storage:
+        check_output(cfg.checkpoint_storage, "--checkpoint-storage")
     source = load_source(cfg.data)
     if cfg.model_options:
         from engine.models import build_model

@@ -307,5 +307,5 @@ def test_select_refuses_missing_embeddings_and_bad_solver(run_job, tmp_path):
     one_line_error(code, err, "embeddings file")
     code, _, err = run_job(select, ["--scores", scores, "--selector", "geda", "--column", "el2n", "--solver", "nope",
                                     "--fraction", "0.5", "--out", tmp_path / "m.parquet"])
-    one_line_error(code, err, "--solver must be one of")
+    one_line_error(code, err, "geda parameter solver must be one of")
     assert not (tmp_path / "m.parquet").exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 import hashlib
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -219,6 +219,29 @@ def validate_rows(sample_id: np.ndarray, label: np.ndarray, num_classes: int, wh
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise DataError(f"{where}: label {int(label[i])} of sample_id {int(sample_id[i])} is outside [0, {num_classes})")
+
+
+def check_classes(labels: np.ndarray, num_classes: int, where: str, names: Optional[Sequence[str]] = None) -> None:
+    """Before anything is sized by the number of classes (a model's last layer, per-class
+    quotas): the labels number the classes 0..K-1 and every class has a sample. A label of
+    10**9 among ten classes is refused here, not by a 4 TB allocation later; an empty class
+    (which no per-class selection or evaluation can serve) too. ``np.unique``: memory of the
+    labels' size, never of the largest label."""
+    labels = np.asarray(labels)
+    if not len(labels):
+        raise DataError(f"{where}: no rows")
+    if labels.min() < 0:
+        raise DataError(f"{where}: negative label {int(labels.min())}")
+    if names and labels.max() >= len(names):
+        raise DataError(f"{where}: label {int(labels.max())} is outside the {len(names)} class names")
+    present = np.unique(labels)
+    if len(present) < num_classes:
+        gaps = np.flatnonzero(present != np.arange(len(present)))
+        first = int(gaps[0]) if len(gaps) else len(present)
+        name = f" ({names[first]!r})" if names and first < len(names) else ""
+        raise DataError(f"{where}: {num_classes - len(present):,} of its {num_classes:,} classes have no sample, "
+                        f"e.g. class {first}{name} (the largest label is {int(labels.max()):,}); labels must number "
+                        f"the classes 0..K-1, every class with samples")
 
 
 def stable_id(key: str) -> int:

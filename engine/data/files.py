@@ -22,8 +22,18 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from engine.data.base import DataInfo, Partition, Source, check_split, files_key, in_holdout, stable_id, validate_rows
-from engine.data.images import EncodedImages, decode_part, find_bad_images
+from engine.data.base import (
+    DataInfo,
+    Partition,
+    Source,
+    check_classes,
+    check_split,
+    files_key,
+    in_holdout,
+    stable_id,
+    validate_rows,
+)
+from engine.data.images import EncodedImages, decode_part, find_bad_images, open_image
 from engine.data.sources import DATASETS, GENERIC_MEAN, GENERIC_STD
 from engine.data.transforms import default_train_transform
 from engine.errors import ConfigError, DataError
@@ -36,12 +46,12 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data, where) as im:
             im.load()
             if im.mode not in ("L", "RGB"):
                 im = im.convert("RGB")
             arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image at {where}: {exc}") from None
     return arr[..., None] if arr.ndim == 2 else arr
 
@@ -370,10 +380,9 @@ class ParquetSource(EncodedImages, Source):
             pf = self._open(first)
             labels = np.concatenate([_labels(self._open(f).read(columns=["label"]), f)
                                      for f in sorted(set(self.files["train"][0] + self.files["test"][0]))])
-            if labels.min() < 0:
-                raise DataError(f"parquet: negative label {int(labels.min())} in {self.uri!r}")
             names = _hf_class_names(pf)
-            num_classes = max(int(labels.max()) + 1, len(names or ()))
+            num_classes = max(int(labels.max()) + 1, len(names or ())) if len(labels) else 0
+            check_classes(labels, num_classes, f"parquet {self.uri!r}", names)
             if encoded:
                 if self.bad == "skip":
                     self._skip_unreadable()

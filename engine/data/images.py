@@ -27,6 +27,45 @@ BAD_IMAGES = ("fail", "skip")  # an image that does not decode: stop with one li
 DEFAULT_MAX_SIZE = 224          # the default S: the first training image's shorter side, at most this
 
 
+PIL_MAX_PIXELS = 89_478_485  # PIL's own default limit (a 1024 x 1024 x 4 x 4 x 4 x 4 / 3 image)
+
+
+def max_image_pixels() -> int:
+    """The most pixels (width x height) an image may declare: ``$WINNOW_MAX_IMAGE_PIXELS``,
+    default PIL's 89,478,485 (about 9,500 x 9,500; ImageNet's largest photos are far below).
+    Above it the image is refused from its header, before a byte of it is decoded: a PNG of a
+    few kilobytes can declare 100,000 x 100,000 pixels (30 GB decoded), a decompression bomb.
+    PIL itself only warns below twice its limit; Winnow refuses at the limit."""
+    raw = os.environ.get("WINNOW_MAX_IMAGE_PIXELS")
+    if raw is None:
+        return PIL_MAX_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"WINNOW_MAX_IMAGE_PIXELS must be a positive integer, got {raw!r}")
+    return value
+
+
+def open_image(data: bytes, where: str):
+    """``PIL.Image.open`` of encoded bytes (lazy: only the header is read), refusing an image
+    that declares more than ``max_image_pixels()`` pixels or that PIL cannot identify, with a
+    DataError naming ``where``."""
+    from PIL import Image, UnidentifiedImageError
+
+    limit = max_image_pixels()
+    try:
+        im = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode image {where}: {exc}") from None
+    w, h = im.size
+    if w * h > limit:
+        raise DataError(f"image {where} declares {w} x {h} = {w * h:,} pixels, above the limit of {limit:,} "
+                        f"(a decompression bomb, or set WINNOW_MAX_IMAGE_PIXELS higher)")
+    return im
+
+
 def decode_rgb(data: bytes, where: str, min_side: Optional[int] = None):
     """Encoded bytes (by content, whatever the file's name says) -> an RGB PIL image, as
     torchvision's loader makes it (grayscale, CMYK, palette and RGBA converted). A truncated
@@ -36,9 +75,9 @@ def decode_rgb(data: bytes, where: str, min_side: Optional[int] = None):
     mode: most of the decode cost of a large JPEG bound for a small size disappears)."""
     from PIL import Image, UnidentifiedImageError
 
+    # not closed: an in-memory buffer holds no file, and closing would free the pixels (a copy)
+    im = open_image(data, where)
     try:
-        # not closed: an in-memory buffer holds no file, and closing would free the pixels (a copy)
-        im = Image.open(io.BytesIO(data))
         full_size = im.size
         if min_side:
             w, h = im.size
@@ -62,13 +101,8 @@ def decode_rrc_flip(data: bytes, where: str, size: int, rng) -> np.ndarray:
     JPEG at libjpeg's 1/2, 1/4 or 1/8 scale where the crop keeps at least twice ``size`` on
     its shorter side. Otherwise (and always for other formats) it is torchvision's
     ``RandomResizedCrop`` + flip on the full decode, pixel for pixel."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as head:
-            w, h = head.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image {where}: {exc}") from None
+    with open_image(data, where) as head:
+        w, h = head.size
     params = rrc_params(rng, h, w)
     crop_short = max(min(params[2], params[3]), 1)
     # the draft keeps the crop's shorter side >= 2 x size: decode_rgb's min_side is the image's

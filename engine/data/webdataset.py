@@ -25,7 +25,17 @@ from typing import Iterator, Optional
 import numpy as np
 import pyarrow.fs as pafs
 
-from engine.data.base import DataInfo, Partition, Source, check_split, files_key, in_holdout, stable_id, validate_rows
+from engine.data.base import (
+    DataInfo,
+    Partition,
+    Source,
+    check_classes,
+    check_split,
+    files_key,
+    in_holdout,
+    stable_id,
+    validate_rows,
+)
 from engine.data.files import _filesystem
 from engine.data.images import EncodedImages, decode_part, find_bad_images
 from engine.data.sources import DATASETS
@@ -161,8 +171,9 @@ class WebDatasetSource(EncodedImages, Source):
             raise DataError(f"webdataset: no training samples in {arg!r}")
         if bad == "skip":
             self._skip_unreadable()
-        labels = [row[1] for split in self.lists.values() for _, row in split]
-        self.num_classes = max(labels) + 1
+        labels = np.array([row[1] for split in self.lists.values() for _, row in split], dtype=np.int64)
+        self.num_classes = int(labels.max()) + 1
+        check_classes(labels, self.num_classes, f"webdataset {arg!r}")
         self._by_id: Optional[dict] = None
 
     def _find_shards(self, arg: str) -> list:

@@ -160,7 +160,17 @@ def _init_keeping_signal_handlers(**kwargs) -> None:
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except Exception as e:  # any error: Ray did not start (a timeout under load, a port taken, a bad address)
+        from engine.errors import ConfigError, RunFailedError
+
+        if isinstance(e, ConfigError):
+            raise
+        where = os.environ.get("RAY_ADDRESS") or "a local Ray for this job"
+        why = " ".join(str(e).split()) or "no message; the machine may be too loaded to start Ray in time"
+        raise RunFailedError(f"could not start or reach {where} ({type(e).__name__}: {why[:300]}); rerun the "
+                             f"same command when the machine is less loaded") from e
     if main and previous is not None:
         signal.signal(signal.SIGTERM, previous)
 

@@ -4,6 +4,7 @@ into a fresh directory that replaces the report directory in one rename."""
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import os
 import re
@@ -424,6 +425,9 @@ def build_report(path: str | Path, out: Optional[str | Path] = None, data: Optio
     report_dir = Path(out if out is not None else path) / "report"
     if report_dir.exists() and not report_dir.is_dir():
         raise ConfigError(f"{str(report_dir)!r} exists and is not a directory")
+    from engine.storage import check_output
+
+    check_output(report_dir.parent, "--out" if out is not None else "the run directory")
     report_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{report_dir.name}.", suffix=".tmp", dir=report_dir.parent))
     try:
@@ -441,10 +445,21 @@ def build_report(path: str | Path, out: Optional[str | Path] = None, data: Optio
         page = render_html(run, b.sections, tmp, time.time() - t0)
         (tmp / "report.html").write_text(page, encoding="utf-8")
         _replace_dir(tmp, report_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in _WRITE_ERRNOS:  # the disk filled up or the directory was locked under the job
+            from engine.errors import WriteFailedError
+
+            raise WriteFailedError(f"cannot write the report under {report_dir.parent}: {e.strerror}; nothing "
+                                   f"was written") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report_dir / "report.html"
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def _replace_dir(new: Path, target: Path) -> None:

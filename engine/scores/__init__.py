@@ -12,9 +12,11 @@ Two kinds, two registries:
 """
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 from engine.errors import ConfigError
+from engine.params import Rule, at_least, check_kwargs, declared, positive
 from engine.registry import Registry, import_submodules
 
 SCORERS: Registry = Registry("scorer")
@@ -53,24 +55,31 @@ def data_defaults(name: str, mean_std: Sequence[float]) -> dict:
     return {}
 
 
-def check_params(params: dict) -> dict:
-    """{score: {param: value}} -> the same, after checking each score takes each parameter."""
-    import inspect
+# ranges and choices of the scorers' parameters (their types are their defaults' types)
+PARAM_RULES = {"eps": positive(), "draws": at_least(1), "seed": at_least(0), "iters": at_least(1),
+               "fd_step": positive(), "hvp": Rule(choices=("fd", "exact")),
+               "direction": Rule(choices=("sign", "rademacher"))}
 
+
+def check_params(params: dict) -> dict:
+    """{score: {param: value}} -> the same with each value checked against the scorer's
+    declared parameter: its name, its type (an integer where the default is one, a finite
+    number for a float, true/false for a flag) and its range (``PARAM_RULES``)."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"score_params must be a mapping score -> {{param: value}}, got {params!r}")
+    out = {}
     for name, kw in params.items():
         if name not in SCORERS:
             raise ConfigError(f"--score-params: {name!r} is not a model score; known: {', '.join(SCORERS.names())}")
-        sig = inspect.signature(SCORERS[name])
-        accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-        known = [p for p in sig.parameters if sig.parameters[p].kind is inspect.Parameter.KEYWORD_ONLY]
-        if accepts_any:  # nc & co. forward to geometry()
-            from engine.scores.model_scores import geometry
+        if not isinstance(kw, dict):
+            raise ConfigError(f"--score-params: {name} takes a mapping param -> value, got {kw!r}")
+        fn = SCORERS[name]
+        if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
+            from engine.scores.model_scores import geometry  # nc & co. forward to geometry()
 
-            known = [p for p in inspect.signature(geometry).parameters if p not in ("model", "x", "y")]
-        for k in kw:
-            if k not in known:
-                raise ConfigError(f"--score-params: score {name!r} has no parameter {k!r}; it has {known}")
-    return params
+            fn = geometry
+        out[name] = check_kwargs(f"--score-params: score {name!r}", f"--score-params {name}.", kw, declared(fn), PARAM_RULES)
+    return out
 
 
 PRECISIONS = ("float32", "bf16")
