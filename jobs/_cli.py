@@ -126,19 +126,25 @@ def output_dir(path: str | Path, keep: Sequence[str] = ()) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
     try:
         yield path
-    except BaseException:
+    except BaseException as exc:
         if not existed:
             kept = [k for k in keep if (path / k).is_dir() and any((path / k).iterdir())]
             for child in path.iterdir():
                 if child.name not in kept and child.name != LOCK_NAME:
                     shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
-            if kept:
+            if kept and not _input_error(exc):  # after bad input the one error line says it all
                 print(f"partial work kept in {', '.join(str(path / k) for k in kept)}; rerun the same command "
                       f"to resume", file=sys.stderr)
             else:
                 with contextlib.suppress(OSError):
                     path.rmdir()  # unless the lock is still in it: run_lock removes both when it lets go
         raise
+
+
+def _input_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or wraps) a user error of the input (exit status 2)."""
+    err = user_error(exc) if isinstance(exc, Exception) else None
+    return err is not None and getattr(err, "exit_code", 2) == 2
 
 
 FRESH_HELP = ("start over: discard the resumable work an earlier run of this --out left (OUT/_partial: proxies, "

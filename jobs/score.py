@@ -155,6 +155,7 @@ def check_inputs(cfg: ScoreConfig):
     check_model_name(cfg.model)
     source = load_source(cfg.data)
     source.info()
+    source.ids_and_labels("train")  # unique integer ids and labels in range, read without decoding an image
     from engine.storage import check_output
 
     check_output(cfg.out, "--out", need_bytes=source.num_rows("train") * 8 * (2 + 2 * len(cfg.scores)))

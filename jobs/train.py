@@ -138,6 +138,8 @@ def load_subset(cfg: TrainConfig):
 
         info = source.info()
         build_model(cfg.model, info.image_shape[2], info.num_classes, info.image_shape[0], **cfg.model_options)
+    for split in ("train", "test"):  # unique integer ids and labels in range, read without decoding an image
+        source.ids_and_labels(split)
     n_train = source.num_rows("train")
     if cfg.manifest is None:
         return None, None, n_train, None

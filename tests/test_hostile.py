@@ -336,3 +336,67 @@ def test_failed_pipeline_keeps_its_scores_and_a_rerun_reuses_them(ray_local, run
     assert len(list((out / "select").glob("*.parquet"))) == 1
     with pytest.raises(AssertionError, match="scored again"):  # --fresh discards it: scoring runs again
         run_job(pipeline, ["--smoke-test", "--selectors", "random", "--fresh", "--out", out])
+
+
+# ------------------------------------------------------------------ errors raised inside Ray
+
+
+def _parquet_with_bad_row(tmp: Path, value) -> str:
+    import pyarrow.parquet as pq
+
+    from engine.data.files import write_parquet_source
+
+    path = tmp / "d.parquet"
+    rng = np.random.default_rng(0)
+    write_parquet_source(path, rng.integers(0, 256, (80, 8, 8, 1), dtype=np.uint8), np.arange(80) % 2, np.arange(80))
+    t = pq.read_table(path)
+    col = t.column("image").to_pylist()
+    col[50] = value
+    pq.write_table(t.set_column(0, "image", pa.array(col, pa.binary())), path)
+    return f"parquet:{path}"
+
+
+def _folder_with_text_png(tmp: Path) -> str:
+    image_folder()(tmp)
+    for c in ("a", "b"):
+        for i in range(4, 30):
+            (tmp / "imgs" / c / f"{i}.png").write_bytes((tmp / "imgs" / c / "1.png").read_bytes())
+    (tmp / "imgs" / "b" / "20.png").write_text("just text")
+    return f"imagefolder:{tmp / 'imgs'}"
+
+
+@pytest.mark.parametrize("case, make, argv, fragment", [
+    # Ray Data's read tasks during scoring (no proxy training: scores at initialisation)
+    ("null-image-in-a-read-task", lambda t: _parquet_with_bad_row(t, None), ["--scores", "gradnorm_init",
+                                                                            "--epochs", "0"],
+     "cannot decode image d.parquet row 50: it is empty"),
+    ("text-named-png-in-a-read-task", _folder_with_text_png, ["--scores", "gradnorm_init", "--epochs", "0"],
+     "cannot decode image b/20.png: its 9 bytes are not an image file PIL can read"),
+    # a Ray task training a proxy on the split in memory
+    ("corrupt-png-in-a-proxy-task", lambda t: _parquet_with_bad_row(t, b"\x89PNG\r\n\x1a\n broken"),
+     ["--scores", "el2n", "--epochs", "1"], "cannot decode image"),
+])
+def test_error_inside_ray_is_one_line_with_the_traceback_in_a_log(tmp_path, case, make, argv, fragment):
+    """As a user sees it: a subprocess with its own Ray. The console gets one error line (no
+    traceback, no colour, none of Ray Data's ERROR records), naming the file and row and the
+    log that holds the remote traceback; exit 2; nothing in the run directory but _partial."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    data = make(tmp_path)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(root), "WINNOW_CACHE": str(tmp_path / "cache")}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, "-m", "jobs.score", "--data", data, "--seeds", "1", *argv, "--out", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert p.returncode == 2, (case, p.stderr[-3000:])
+    errors = [line for line in p.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("jobs.score: error: ") and fragment in errors[0], p.stderr
+    assert "Traceback" not in p.stderr + p.stdout and not COLOUR.search(p.stderr + p.stdout), p.stderr
+    assert " ERROR " not in p.stderr and "partial work kept" not in p.stderr
+    log = re.search(r"\(traceback: (\S+\.log)\)$", errors[0])
+    assert log and "Traceback" in Path(log.group(1)).read_text() and fragment in Path(log.group(1)).read_text()
+    # no artifact; only the resumable work of the stages before the error (trained proxies)
+    assert not out.exists() or {p.name for p in out.iterdir()} <= {"_partial"}

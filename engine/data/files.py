@@ -51,6 +51,8 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
             if im.mode not in ("L", "RGB"):
                 im = im.convert("RGB")
             arr = np.asarray(im, dtype=np.uint8)
+    except DataError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image at {where}: {exc}") from None
     return arr[..., None] if arr.ndim == 2 else arr

@@ -57,7 +57,10 @@ def open_image(data: bytes, where: str):
     limit = max_image_pixels()
     try:
         im = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        what = "it is empty" if not data else f"its {len(data):,} bytes are not an image file PIL can read"
+        raise DataError(f"cannot decode image {where}: {what}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {where}: {exc}") from None
     w, h = im.size
     if w * h > limit:

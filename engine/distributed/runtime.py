@@ -8,6 +8,7 @@ this user can read (``~/.cache/winnow/ray/auth_token``, unless ``RAY_AUTH_TOKEN`
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import stat
@@ -152,6 +153,29 @@ def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
             ray.shutdown()
 
 
+class _ErrorsToLogFile:
+    """A filter for the console handlers of Ray Data's logger: its ERROR records (a failed task's
+    traceback, "Exception occurred in Ray Data or Ray Core internal code", "Full stack trace")
+    stay in Ray Data's log file (``ray-data.log`` in the session's logs) and out of the console,
+    where the job's one ``jobs.X: error:`` line reports the error, its remote traceback in the
+    job's error log (jobs._cli)."""
+
+    def filter(self, record) -> bool:
+        return record.levelno < logging.ERROR
+
+
+def keep_ray_errors_off_the_console() -> None:
+    """Install ``_ErrorsToLogFile`` on the console handlers of the ``ray.data`` logger (once;
+    its file handlers keep everything)."""
+    import ray.data  # noqa: F401  (configures the logger's handlers)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.FileHandler) or "File" in type(handler).__name__:
+            continue
+        if not any(isinstance(f, _ErrorsToLogFile) for f in handler.filters):
+            handler.addFilter(_ErrorsToLogFile())
+
+
 def _init_keeping_signal_handlers(**kwargs) -> None:
     """``ray.init``, leaving the job's SIGTERM handler in place: ``ray.init`` replaces it with
     ``sys.exit(15)``, which skips the job's clean stop (jobs._cli: one line, exit 143)."""
@@ -160,6 +184,7 @@ def _init_keeping_signal_handlers(**kwargs) -> None:
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
+    keep_ray_errors_off_the_console()
     try:
         ray.init(**kwargs)
     except Exception as e:  # any error: Ray did not start (a timeout under load, a port taken, a bad address)
