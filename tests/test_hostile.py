@@ -54,14 +54,14 @@ def scores_with(**cols):
     return table_file("bad.parquet", **{**base, **cols})
 
 
-def parquet_source(label, n=None):
-    """A Parquet source of 8 x 8 gray PNGs with these labels (``n`` rows: 0 for none)."""
+def parquet_source(label, ids=None):
+    """A Parquet source of 8 x 8 gray PNGs with these labels (and ids: 0, 1, ... by default)."""
     def setup(tmp: Path) -> None:
         from engine.data.files import write_parquet_source
 
         lab = np.asarray(label, np.int64)
         img = np.random.default_rng(0).integers(0, 255, (len(lab), 8, 8, 1), dtype=np.uint8)
-        write_parquet_source(tmp / "src.parquet", img, lab, sample_id=np.arange(len(lab)))
+        write_parquet_source(tmp / "src.parquet", img, lab, sample_id=np.arange(len(lab)) if ids is None else ids)
     return setup
 
 
@@ -239,6 +239,47 @@ CASES = [
      None),
     ("sweep-out-unwritable", "sweep", ["--out", "/sys/winnow-hostile"], "cannot write in /sys", yaml_case(""),
      None),
+    # --------------------------------------------------- data checked before anything is sized by it
+    ("source-zero-rows", "score", ["--data", "parquet:{tmp}/src.parquet"], "no rows", parquet_source([]), None),
+    ("source-label-1e9", "score", ["--data", "parquet:{tmp}/src.parquet"],
+     "999,999,997 of its 1,000,000,000 classes have no sample", parquet_source([0, 1, 999_999_999, 1]), None),
+    ("source-label-gap", "train", ["--data", "parquet:{tmp}/src.parquet"],
+     "1 of its 4 classes have no sample, e.g. class 2", parquet_source([0, 1, 3, 1, 0, 3]), None),
+    ("source-label-negative", "score", ["--data", "parquet:{tmp}/src.parquet"], "negative label -1",
+     parquet_source([0, 1, -1, 1]), None),
+    ("source-duplicate-ids", "score", ["--data", "parquet:{tmp}/src.parquet"], "duplicate sample_id 3",
+     parquet_source([0, 1] * 20, ids=[*range(30), 3, *range(31, 40)]), None),
+    ("source-duplicate-ids-train", "train", ["--data", "parquet:{tmp}/src.parquet"], "duplicate sample_id 3",
+     parquet_source([0, 1] * 20, ids=[*range(30), 3, *range(31, 40)]), None),
+    ("source-label-float", "score", ["--data", "parquet:{tmp}/f.parquet"], "column 'label' must be integer",
+     table_file("f.parquet", image=pa.array([b"x"], pa.binary()), label=pa.array([1.7])), None),
+    ("source-ids-strings", "score", ["--data", "parquet:{tmp}/f.parquet"],
+     "column 'sample_id' must be integers without nulls",
+     table_file("f.parquet", image=pa.array([b"x"], pa.binary()), label=pa.array([0]), sample_id=pa.array(["a"])),
+     None),
+    ("imagefolder-empty-class", "score", ["--data", "imagefolder:{tmp}/imgs"], "class folder 'c' has no images",
+     image_folder(empty_class=True), None),
+    ("imagefolder-decompression-bomb", "score", ["--data", "imagefolder:{tmp}/imgs"],
+     "declares 10,000,000,000 pixels, above the limit of 89,478,485",
+     image_folder(bomb=True), None),
+    ("scores-label-negative", "select", ["--scores", "{tmp}/bad.parquet", "--selector", "random", "--fraction",
+                                         "0.5", "--out", "{tmp}/out.parquet"],
+     "column 'label' holds -1; values must be >= 0", scores_with(label=pa.array([0, 1, -1, 1, 0, 1])), None),
+    ("scores-label-null", "select", ["--scores", "{tmp}/bad.parquet", "--selector", "random", "--fraction",
+                                     "0.5", "--out", "{tmp}/out.parquet"],
+     "column 'label' has 1 null value(s)", scores_with(label=pa.array([0, 1, None, 1, 0, 1])), None),
+    ("scores-label-float", "select", ["--scores", "{tmp}/bad.parquet", "--selector", "random", "--fraction",
+                                      "0.5", "--out", "{tmp}/out.parquet"],
+     "column 'label' must hold integers, got double", scores_with(label=pa.array([0.0, 1.5, 0, 1, 0, 1])), None),
+    ("scores-ids-strings", "select", ["--scores", "{tmp}/bad.parquet", "--selector", "random", "--fraction",
+                                      "0.5", "--out", "{tmp}/out.parquet"],
+     "column 'sample_id' must hold integers, got string", scores_with(sample_id=pa.array(list("abcdef"))), None),
+    ("manifest-ids-strings", "train", ["--manifest", "{tmp}/bad.parquet"],
+     "column 'sample_id' must hold integers, got string",
+     table_file("bad.parquet", sample_id=pa.array(["a", "b"]), weight=pa.array([1.0, 1.0])), None),
+    ("manifest-weights-strings", "train", ["--manifest", "{tmp}/bad.parquet"],
+     "column 'weight' must hold numbers without nulls",
+     table_file("bad.parquet", sample_id=pa.array([0, 7]), weight=pa.array(["1", "1"])), None),
 ]
 
 COLOUR = re.compile(r"\x1b\[")
@@ -262,6 +303,32 @@ def test_image_pixel_limit_is_configurable(tmp_path, monkeypatch):
         max_image_pixels()
     monkeypatch.delenv("WINNOW_MAX_IMAGE_PIXELS")
     assert max_image_pixels() == 89_478_485
+
+
+def test_pipeline_scores_what_each_selector_reads():
+    """--selectors geda used to fail after scoring (gradnorm_init was never computed) and take
+    the finished scores with it; craig needs embeddings."""
+    score_cfg, selectors, *_ = pipeline.plan(["--selectors", "random,geda,craig,topk:forgetting"])
+    assert dict(selectors) == {"random": None, "geda": "gradnorm_init", "craig": "grad_embedding",
+                               "topk": "forgetting"}
+    assert set(score_cfg.scores) == {"gradnorm_init", "forgetting"} and score_cfg.embedding_dim > 0
+
+
+def test_ray_that_does_not_start_is_one_line_exit_1(run_job, tmp_path, monkeypatch):
+    """ray.init timing out under load raised an empty ``Exception:``."""
+    import ray
+
+    def times_out(**kwargs):
+        raise Exception()
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", times_out)
+    code, _, err = run_job(train, ["--data", "digits", "--epochs", "1", "--out", tmp_path / "t"])
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "could not start or reach a local Ray for this job (Exception: no message; the machine may be too " \
+           "loaded" in err and "Traceback" not in err
+    assert not (tmp_path / "t").exists()
 
 
 def _fill(text: str, tmp: Path, scores: Path) -> str:
