@@ -29,13 +29,17 @@ def _score(run_job, out, data, *extra):
 
 
 @pytest.mark.parametrize("data, extra", [("digits", ()), ("digits", ("--train-transform", "pad-crop-flip")),
-                                         ("tree", ())], ids=["plain", "augmented", "jpeg-tree-rrc"])
+                                         ("tree", ()), ("tree48", ())],
+                         ids=["plain", "augmented", "jpeg-tree-rrc", "jpeg-tree-pad-crop-flip"])
 def test_streamed_proxies_give_the_in_memory_scores(ray_local, run_job, tmp_path, data, extra):
-    if data == "tree":  # encoded images streamed as bytes, decoded and cropped (rrc-flip) downstream
+    """digits: Ray Data sorts each pass into its order; the JPEG trees (one file per image) are
+    read in that order directly (``Source.partitions_in_order``): as encoded bytes for rrc-flip
+    (72 px), as decoded images for pad-crop-flip (48 px)."""
+    if data.startswith("tree"):  # encoded images streamed as bytes, decoded and cropped (rrc-flip) downstream
         from tests.imagenet_tree import make_tree
 
         make_tree(tmp_path / "tree", train_per_class=6, val_per_class=1)
-        data = f"imagefolder,size=72:{tmp_path / 'tree'}"
+        data = f"imagefolder,size={48 if data == 'tree48' else 72}:{tmp_path / 'tree'}"
     tables = {}
     for loader in ("memory", "stream"):
         code, out, err = _score(run_job, tmp_path / loader, data, "--proxy-loader", loader, *extra)
@@ -45,7 +49,9 @@ def test_streamed_proxies_give_the_in_memory_scores(ray_local, run_job, tmp_path
     (a, meta), (b, _) = tables["memory"], tables["stream"]
     assert a.column("sample_id").to_pylist() == b.column("sample_id").to_pylist()
     assert meta["config"]["proxy_loader"] == "memory"
-    assert meta["transforms"]["train"] == ("rrc-flip" if "imagefolder" in data else extra[-1] if extra else "none")
+    expected = ("pad-crop-flip" if "size=48" in data else "rrc-flip") if "imagefolder" in data else \
+        (extra[-1] if extra else "none")
+    assert meta["transforms"]["train"] == expected
     for col in a.column_names:
         if col in ("sample_id", "label"):
             continue

@@ -128,6 +128,16 @@ class Source(abc.ABC):
     def partitions(self, split: str, target_rows: int = 8192) -> list[Partition]:
         """Pieces covering every row of ``split`` exactly once."""
 
+    def partitions_in_order(self, split: str, order: np.ndarray, target_rows: int = 8192) -> Optional[list]:
+        """Partitions whose rows, read one after the other, are ``split``'s rows in the order of
+        the positions ``order`` (into ``ids_and_labels(split)``), each partition holding only its
+        own rows' descriptions; or None when the source cannot read rows in any order cheaply
+        (rows in row groups or tar shards, read a whole group at a time). A source of one file
+        per image can: a proxy's pass then reads its split in its own order without a Ray Data
+        sort, whose all-to-all exchange grows the memory of the process running it with the
+        data (BENCHMARKS.md, issue 31). Default: None."""
+        return None
+
     def content_key(self) -> str:
         """What the rows of the training split depend on besides the spec: file names, sizes
         and modification times for file-backed sources, the generator's version for synthetic

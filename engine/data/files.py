@@ -688,6 +688,13 @@ class ImageFolderSource(EncodedImages, Source):
         return [FilesPartition(self.uri, tuple(files[i:i + target_rows]), size, split, self.eval_transform)
                 for i in range(0, len(files), target_rows)]
 
+    def partitions_in_order(self, split: str, order: np.ndarray, target_rows: int = 8192) -> list[Partition]:
+        """One file per image: any order is a list of files, cut into partitions."""
+        files = self.lists[check_split(split)]
+        ordered = [files[int(i)] for i in order]
+        return [FilesPartition(self.uri, tuple(ordered[i:i + target_rows]), self.size, split, self.eval_transform)
+                for i in range(0, len(ordered), target_rows)]
+
 
 DATASETS.register("parquet")(ParquetSource)
 DATASETS.register("imagefolder")(ImageFolderSource)

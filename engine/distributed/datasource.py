@@ -38,10 +38,13 @@ class SourceDatasource(Datasource):
     and resume)."""
 
     def __init__(self, source: Source, split: str, target_rows: int = 8192, only: Optional[List[int]] = None,
-                 encoded: bool = False):
+                 encoded: bool = False, parts: Optional[list] = None):
         super().__init__()
         self._encoded = encoded
-        parts = source.partitions(split, target_rows)
+        # ``parts`` given (``Source.partitions_in_order``): their order is the rows' order, so
+        # each read task takes a contiguous run of them (read in order with preserve_order)
+        self._contiguous = parts is not None
+        parts = source.partitions(split, target_rows) if parts is None else parts
         self._tag = only is not None
         self._parts = [(i, _StoredPartition(parts[i]) if isinstance(parts[i], ArrayPartition) else parts[i])
                        for i in (range(len(parts)) if only is None else only)]
@@ -52,7 +55,12 @@ class SourceDatasource(Datasource):
         return sum(p.num_rows for _, p in self._parts) * self._row_bytes
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> List[ReadTask]:
-        groups = [self._parts[i::parallelism] for i in range(min(parallelism, len(self._parts)))]
+        n = min(parallelism, len(self._parts))
+        if self._contiguous:
+            bounds = [round(i * len(self._parts) / n) for i in range(n + 1)] if n else [0]
+            groups = [self._parts[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+        else:
+            groups = [self._parts[i::parallelism] for i in range(n)]
         tasks = []
         for group in groups:
             rows = sum(p.num_rows for _, p in group)
@@ -84,7 +92,7 @@ STREAM_ROWS = 1024  # rows per partition of a streamed split: blocks of a fixed 
 
 
 def read_source(source: Source, split: str, target_rows: int = STREAM_ROWS, only: Optional[List[int]] = None,
-                encoded: bool = False):
+                encoded: bool = False, parts: Optional[list] = None):
     """The split as a Ray Dataset (lazy; read in parallel by Ray Data); ``only``: see
     ``SourceDatasource``. Partitions of ``STREAM_ROWS`` rows keep every block (and so what a
     read task, a sort task, the split coordinator or a train worker holds) of a size that does
@@ -93,7 +101,7 @@ def read_source(source: Source, split: str, target_rows: int = STREAM_ROWS, only
     that must see the original (decoded downstream, ``engine.distributed.proxies``)."""
     import ray.data
 
-    return ray.data.read_datasource(SourceDatasource(source, split, target_rows, only, encoded))
+    return ray.data.read_datasource(SourceDatasource(source, split, target_rows, only, encoded, parts))
 
 
 __all__ = ["STREAM_ROWS", "SourceDatasource", "read_source"]

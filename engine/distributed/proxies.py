@@ -90,14 +90,24 @@ def decode_augment(batch: dict, spec: str, transform: str, seed: int, epoch: int
 
 def epoch_dataset(source, transform: str, seed: int, epoch: int):
     """The training split for pass ``epoch`` of proxy ``seed``: in ``order_key`` order, decoded
-    and transformed."""
-    from engine.distributed.datasource import read_source
+    and transformed. A source that reads rows in any order (one file per image:
+    ``Source.partitions_in_order``) is read in that order directly: the order comes from the
+    ids alone, and no process holds more than a partition. Any other is sorted by Ray Data."""
+    from engine.distributed.datasource import STREAM_ROWS, read_source
+    from engine.train.loops import order_key
 
-    ds = read_source(source, "train", encoded=transform == "rrc-flip")
-    ds = ds.map_batches(_with_key, batch_format="numpy", fn_kwargs={"seed": seed, "epoch": epoch})
-    return ds.sort("key").map_batches(decode_augment, batch_format="numpy",
-                                      fn_kwargs={"spec": source.spec, "transform": transform, "seed": seed,
-                                                 "epoch": epoch})
+    encoded = transform == "rrc-flip"
+    ids, _ = source.ids_and_labels("train")
+    order = np.argsort(order_key(ids, seed, epoch), kind="stable")
+    parts = source.partitions_in_order("train", order, STREAM_ROWS)
+    if parts is not None:
+        ds = read_source(source, "train", encoded=encoded, parts=parts)
+    else:
+        ds = read_source(source, "train", encoded=encoded)
+        ds = ds.map_batches(_with_key, batch_format="numpy", fn_kwargs={"seed": seed, "epoch": epoch})
+        ds = ds.sort("key")
+    return ds.map_batches(decode_augment, batch_format="numpy",
+                          fn_kwargs={"spec": source.spec, "transform": transform, "seed": seed, "epoch": epoch})
 
 
 def _proxy_loop(c: dict) -> None:
