@@ -184,6 +184,29 @@ class TrainConfig:
         return opts
 
 
+@dataclass(frozen=True)
+class SelectConfig:
+    """``jobs.select``: a score table (and embeddings) -> manifest.parquet."""
+
+    scores: str                        # scores.parquet written by jobs.score
+    selector: str                      # engine.select registry name
+    fraction: float                    # fraction of the samples to keep, in (0, 1]
+    out: str                           # manifest.parquet to write
+    column: Optional[str] = None       # score column that ranks samples (default: the selector's)
+    seed: int = 0                      # seed for random choices and tie-breaks
+    global_rank: bool = False          # rank across all classes instead of per class
+    embeddings: Optional[str] = None   # embeddings.parquet (craig, gradmatch; default: beside scores)
+    params: dict = field(default_factory=dict)  # the selector's own: solver, nodes, time_limit, lam, tol, quantiles, offset
+
+    def validate(self) -> None:
+        from engine.select import check_selector_params
+        from engine.select.quota import check_fraction
+
+        check_fraction(self.fraction)
+        check_types(self)
+        check_selector_params(self.selector, {**self.params, "seed": self.seed})
+
+
 def check_types(cfg: Any) -> None:
     """Every field of a config dataclass holds a value of its declared type: an ``int`` field an
     integer (not 2.5, not true), a ``float`` field a finite number (not NaN, not inf, not a

@@ -3,7 +3,7 @@
     python -m jobs.pipeline            # fashion-mnist-mini, 2 seeds, fractions 0.3 and 0.5
     python -m jobs.pipeline --smoke-test
 
-Stages: 1 proxies + scores (jobs.score), 2 selections (jobs.select), 3 retraining on Ray Train
+Stages: 1 proxies + scores (engine.stages.score_stage), 2 selections (select_stage), 3 retraining on Ray Train
 (jobs.train) for each selector x fraction and the full-data baseline, 4 the results table
 (also in RUN_DIR/results.md and results.json).
 """
@@ -52,9 +52,9 @@ SCORELESS = ("random",)  # selectors that read no score column
 
 def parse_selectors(text: str) -> List[Tuple[str, str | None]]:
     """``"random,topk:el2n,geda"`` -> [(name, column)], each column the one given or the
-    selector's default (jobs.select.DEFAULT_COLUMN), so that scoring computes every column a
+    selector's default (engine.stages.DEFAULT_COLUMN), so that scoring computes every column a
     selection will read: a selector without one fails here, not after scoring."""
-    from jobs.select import DEFAULT_COLUMN
+    from engine.stages import DEFAULT_COLUMN
 
     out = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
@@ -76,7 +76,7 @@ def plan(argv: Sequence[str]):
         a.seeds, a.proxy_epochs, a.epochs, a.fractions = 1, 1, 1, (0.3,)
     fractions = tuple(check_fraction(f) for f in a.fractions)
     selectors = parse_selectors(a.selectors)
-    from jobs.select import EMBEDDING_SELECTORS
+    from engine.stages import EMBEDDING_SELECTORS
 
     columns = sorted({c for n, c in selectors if c and n not in EMBEDDING_SELECTORS})
     scores = tuple(dict.fromkeys([*columns] or ["el2n"]))
@@ -99,29 +99,33 @@ def plan(argv: Sequence[str]):
 
 def run_pipeline(score_cfg, selectors, fractions, train_cfg, out: Path) -> list:
     """The four stages; assumes a Ray session. Returns the result rows."""
-    from jobs.score import check_inputs, run_score
-    from jobs.select import run_select
-    from jobs.train import run_train
+    from engine.config import SelectConfig
+    from engine.stages import select_stage
+    from engine.stages.score import check_inputs, score_stage
+    from engine.stages.train import train_stage
 
     check_inputs(score_cfg)
     rows = []
     # a failure in a later stage keeps what earlier stages finished; a rerun reuses it
     with output_dir(out, keep=("score", "select", "train")):
         print("== stage 1/3: proxy training and scoring")
-        scores_path = finished_scores(score_cfg) or run_score(score_cfg)
+        scores_path = finished_scores(score_cfg) or score_stage(score_cfg)
         print("== stage 2/3: selection")
         runs = [("full", None, 1.0, None)]
         for frac in fractions:
             for name, column in selectors:
                 tag = f"{name}-{column}-{frac}" if column else f"{name}-{frac}"
-                manifest = run_select(str(scores_path), name, frac, str(out / "select" / f"{tag}.parquet"), column)
+                chosen = select_stage(SelectConfig(scores=str(scores_path), selector=name, fraction=frac,
+                                                   out=str(out / "select" / f"{tag}.parquet"), column=column))
+                print(chosen.summary)
+                manifest = chosen.path
                 runs.append((name if column is None else f"{name}:{column}", column, frac, str(manifest)))
         print(f"== stage 3/3: retraining ({len(runs)} runs on Ray Train)")
         for i, (label, _, frac, manifest) in enumerate(runs, 1):
             tag = Path(manifest).stem if manifest else "full"
             print(f"-- run {i}/{len(runs)}: {label} fraction {frac}")
             cfg = replace(train_cfg, manifest=manifest, out=str(out / "train" / tag))
-            m = finished_run(cfg) or run_train(cfg)
+            m = finished_run(cfg) or train_stage(cfg)
             rows.append({"selector": label, "fraction": frac, "test_accuracy": m["test_accuracy"],
                          "train_time_s": m["train_time_s"], "wall_time_s": m["wall_time_s"],
                          "train_size": m["train_size"]})
@@ -179,8 +183,8 @@ def main(argv: Sequence[str]) -> None:
     t0 = time.time()
     from engine.distributed.runtime import ray_session
     from engine.runlock import run_lock
+    from engine.stages.score import check_inputs
     from engine.storage import staged_output
-    from jobs.score import check_inputs
 
     target = build_parser().parse_args(argv).out
     plan(argv)  # every flag checked, and --out writable, before the run directory is touched

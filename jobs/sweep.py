@@ -6,7 +6,7 @@
 
 Stages: 1 the score table (computed once with jobs.score into OUT/scores, or the YAML's
 ``scores_path``; trials never re-score), 2 one manifest per (selector, fraction, seed) with
-jobs.select into OUT/manifests, 3 the Tune grid: one trial per retraining run, each a Tune
+the selection stage into OUT/manifests, 3 the Tune grid: one trial per retraining run, each a Tune
 function that builds and fits a TorchTrainer (jobs.train's run, into OUT/trials/<key>),
 4 OUT/results.parquet and results.csv (a row per finished trial), OUT/sweep.json, and the
 report (jobs.report) in OUT/report. Tune's own results, including TensorBoard event files, are
@@ -289,9 +289,9 @@ def manifest_name(t: dict) -> str:
 
 def plan(spec: dict, out: Path):
     """Everything checked before Ray starts: names, fields, data, models."""
+    from engine.stages.score import check_inputs
+    from engine.stages.train import load_subset
     from engine.storage import check_output
-    from jobs.score import check_inputs
-    from jobs.train import load_subset
 
     check_output(out, "--out")
     check_spec(spec)
@@ -325,18 +325,19 @@ def stage_scores(spec: dict, score_cfg: Optional[ScoreConfig]) -> Optional[str]:
         return str(spec["scores_path"])
     if score_cfg is None:
         return None
-    from jobs.score import run_score
+    from engine.stages.score import score_stage
 
     done = Path(score_cfg.out) / "scores.parquet"
     if done.is_file():
         print(f"== scores: reusing {done} (computed by an earlier run of this sweep)")
         return str(done)
     print("== scores: proxy training and scoring (once for the whole sweep)")
-    return str(run_score(score_cfg))
+    return str(score_stage(score_cfg))
 
 
 def stage_manifests(spec: dict, trials: Sequence[dict], scores: Optional[str], out: Path) -> None:
-    from jobs.select import run_select
+    from engine.config import SelectConfig
+    from engine.stages import select_stage
 
     params = spec.get("selector_params") or {}
     todo = {manifest_name(t): t for t in trials if t["selector"] != "full"}
@@ -346,8 +347,9 @@ def stage_manifests(spec: dict, trials: Sequence[dict], scores: Optional[str], o
         if path.is_file():
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        run_select(scores, t["selector"], t["fraction"], str(path), t["column"], seed=t["seed"],
-                   **dict(params.get(t["selector"]) or {}))
+        print(select_stage(SelectConfig(scores=scores, selector=t["selector"], fraction=t["fraction"], out=str(path),
+                                        column=t["column"], seed=t["seed"],
+                                        params=dict(params.get(t["selector"]) or {}))).summary)
 
 
 def run_trial(config: dict, spec: dict, out: str) -> None:
@@ -355,7 +357,7 @@ def run_trial(config: dict, spec: dict, out: str) -> None:
     forwarded to Tune. A trial whose metrics.json exists (an earlier run finished it) is not
     trained again: its final metrics are reported as they are."""
     from engine.distributed.tune import report_callbacks, report_to_tune
-    from jobs.train import run_train
+    from engine.stages.train import train_stage
 
     t = config["trial"]
     cfg = trial_train_config(base_train_config(spec), t, spec, Path(out))
@@ -364,7 +366,7 @@ def run_trial(config: dict, spec: dict, out: str) -> None:
         m = json.loads(done.read_text())
         report_to_tune({"test_accuracy": m["test_accuracy"], "passes": m["passes"], "reused": True})
         return
-    run_train(cfg, callbacks=report_callbacks())
+    train_stage(cfg, callbacks=report_callbacks())
 
 
 STOPPED = "stopped-early.json"  # ASHA stopped this trial: a rerun does not train it again

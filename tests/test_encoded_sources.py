@@ -181,7 +181,7 @@ def test_ids_labels_and_manifest_checks_decode_no_image(formats, tmp_path, monke
     from engine import artifacts
     from engine.config import TrainConfig
     from engine.data import files, images
-    from jobs.train import load_subset
+    from engine.stages.train import load_subset
 
     base, _ = formats
     specs = _specs(base)

@@ -15,6 +15,7 @@ import torch
 from engine import artifacts
 from engine.data import load_source
 from engine.errors import DamagedFileError, RefusedFileError
+from engine.stages import score as score_stage
 from engine.train import ProxyRun
 from jobs import score, train
 
@@ -71,7 +72,7 @@ def test_proxy_runs_round_trip_as_tensors(tmp_path):
                    correct=np.array([[True, False, True]]), sample_id=np.array([5, 1, 9]),
                    train_loss=[np.float64(0.5), 0.25], label=np.array([0, 1, 1]))
     artifacts.save_tensors(tmp_path / "p.pt", [run.to_tensors()])
-    back = score.load_proxies(tmp_path / "p.pt")[0]
+    back = score_stage.load_proxies(tmp_path / "p.pt")[0]
     assert back.seed == 3 and back.train_loss == [0.5, 0.25] and sorted(back.states) == [0, 2]
     np.testing.assert_array_equal(back.correct, run.correct)
     np.testing.assert_array_equal(back.sample_id, run.sample_id)
@@ -83,20 +84,20 @@ def test_proxy_runs_round_trip_as_tensors(tmp_path):
     shared = ProxyRun(seed=0, states={0: {"w": torch.ones(1)}}, correct=raw.view(bool)[:3][None],
                       sample_id=raw[:3], train_loss=[], label=raw[1:])
     artifacts.save_tensors(tmp_path / "e.pt", [shared.to_tensors()])
-    back = score.load_proxies(tmp_path / "e.pt")[0]
+    back = score_stage.load_proxies(tmp_path / "e.pt")[0]
     np.testing.assert_array_equal(back.sample_id, [0, 1, 2])
     np.testing.assert_array_equal(back.label, [1, 2, 3])
     artifacts.save_tensors(tmp_path / "other.pt", [{"seed": 1}])  # tensors only, but not our layout
     with pytest.raises(DamagedFileError, match="do not have the layout"):
-        score.load_proxies(tmp_path / "other.pt")
+        score_stage.load_proxies(tmp_path / "other.pt")
 
 
 def test_score_refuses_planted_proxies(ray_local, run_job, tmp_path):
     out = tmp_path / "run"
     argv = ["--data", "digits", "--scores", "el2n", "--seeds", "1", "--epochs", "1", "--out", str(out)]
     cfg = score.config_from(argv)
-    _, keep, _, _ = score.scoring_plan(cfg, load_source(cfg.data).info())
-    path = score.proxies_path(cfg, keep, out / score.PARTIAL)
+    _, keep, _, _ = score_stage.scoring_plan(cfg, load_source(cfg.data).info())
+    path = score_stage.proxies_path(cfg, keep, out / score_stage.PARTIAL)
     marker = tmp_path / "pwned"
     plant(path, marker)
     code, _, err = run_job(score, argv)
@@ -105,7 +106,7 @@ def test_score_refuses_planted_proxies(ray_local, run_job, tmp_path):
     assert not marker.exists() and not (out / "scores.parquet").exists()
     code, stdout, err = run_job(score, argv + ["--fresh"])  # the documented way to start over
     assert code == 0, err
-    assert f"--fresh: removed {out / score.PARTIAL}" in stdout and "resuming" not in stdout
+    assert f"--fresh: removed {out / score_stage.PARTIAL}" in stdout and "resuming" not in stdout
     assert not marker.exists() and (out / "scores.parquet").is_file() and not path.exists()
 
 

@@ -371,9 +371,9 @@ def test_refused_in_one_line(run_job, tmp_path, monkeypatch, case, job, argv, fr
 
 
 def test_failed_pipeline_keeps_its_scores_and_a_rerun_reuses_them(ray_local, run_job, tmp_path, monkeypatch):
-    import jobs.score
-    import jobs.select
-    import jobs.train
+    import engine.stages
+    import engine.stages.score
+    import engine.stages.train
     from engine.errors import DataError
 
     out = tmp_path / "p"
@@ -381,7 +381,7 @@ def test_failed_pipeline_keeps_its_scores_and_a_rerun_reuses_them(ray_local, run
     def broken(*a, **k):
         raise DataError("selection broke")
 
-    monkeypatch.setattr(jobs.select, "run_select", broken)
+    monkeypatch.setattr(engine.stages, "select_stage", broken)
     code, _, err = run_job(pipeline, ["--smoke-test", "--selectors", "random", "--out", out])
     assert code == 2 and "selection broke" in err
     scores = out / "score" / "scores.parquet"
@@ -395,8 +395,8 @@ def test_failed_pipeline_keeps_its_scores_and_a_rerun_reuses_them(ray_local, run
     def stop(*a, **k):
         raise DataError("retraining stopped by the test")
 
-    monkeypatch.setattr(jobs.score, "run_score", must_not_rescore)
-    monkeypatch.setattr(jobs.train, "run_train", stop)
+    monkeypatch.setattr(engine.stages.score, "score_stage", must_not_rescore)
+    monkeypatch.setattr(engine.stages.train, "train_stage", stop)
     code, stdout, err = run_job(pipeline, ["--smoke-test", "--selectors", "random", "--out", out])
     assert code == 2 and "retraining stopped by the test" in err, err
     assert f"reusing {scores}" in stdout and _digest([scores]) == digest

@@ -202,14 +202,18 @@ def train_stream_epoch(model: nn.Module, opt, sched, batches: Iterable[dict], in
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: ArraySplit, info: DataInfo, device: torch.device,
-             batch_size: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` on ``split`` (eval mode; previous mode restored)."""
+             batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on ``split`` (eval mode; previous mode restored), without
+    autograd and in batches of ``batch_size``: memory fixed by the batch, whatever the test
+    split's size (with autograd and 1,024-row batches, a 64 px test split of 2,000 images held
+    0.6 GB more than one of 500: BENCHMARKS.md, issue 31)."""
     was_training = model.training
     model.eval()
     hits = 0
-    for b in split.batches(batch_size):
-        logits = model(batch_to_input(b["image"], info, device))
-        hits += int((logits.argmax(1).cpu() == torch.as_tensor(b["label"])).sum())
+    with torch.no_grad():
+        for b in split.batches(batch_size):
+            logits = model(batch_to_input(b["image"], info, device))
+            hits += int((logits.argmax(1).cpu() == torch.as_tensor(b["label"])).sum())
     model.train(was_training)
     return hits / max(len(split), 1)
 

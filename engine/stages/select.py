@@ -1,0 +1,97 @@
+"""The selection stage: a score table (and, for CRAIG and GRAD-MATCH, embeddings) in, a
+manifest out, with its provenance. No Ray unless a GEDA MILP solver runs its classes as Ray
+tasks on a Ray that is already up."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from engine import artifacts
+from engine.config import SelectConfig
+from engine.errors import ConfigError, DataError
+from engine.select import SELECTORS
+
+# the column a selector reads when none is given; selectors that read embeddings, not a column
+DEFAULT_COLUMN = {"geda": "gradnorm_init", "craig": "grad_embedding", "gradmatch": "grad_embedding"}
+EMBEDDING_SELECTORS = ("craig", "gradmatch")
+
+
+@dataclass(frozen=True)
+class SelectResult:
+    path: Path          # the manifest written
+    selected: int       # samples kept
+    of: int             # samples in the score table
+    summary: str        # the line a job prints
+
+
+def select_stage(cfg: SelectConfig) -> SelectResult:
+    """Read the score table (and embeddings), run the selector, write the manifest atomically.
+    ``cfg.params`` are the selector's own (solver, nodes, time_limit, lam, tol, quantiles,
+    offset), already checked against what it declares (``SelectConfig.validate``)."""
+    cfg.validate()
+    fn = SELECTORS[cfg.selector]
+    table, score_meta = artifacts.read_scores(cfg.scores)
+    column = cfg.column or DEFAULT_COLUMN.get(cfg.selector)
+    ids = table.column("sample_id").to_numpy()
+    labels = table.column("label").to_numpy()
+    if cfg.selector in EMBEDDING_SELECTORS:
+        values, source = _embeddings(cfg.embeddings or str(Path(cfg.scores).parent / "embeddings.parquet"), column,
+                                     ids)
+    else:
+        values, source = _score_column(table, column, cfg.scores), cfg.scores
+    params = dict(cfg.params)
+    if cfg.selector == "geda" and params.get("solver", "exact") != "exact":
+        params["mapper"] = _class_mapper()
+    sel = fn(values, np.zeros_like(labels) if cfg.global_rank else labels, cfg.fraction, seed=cfg.seed, **params)
+    params.pop("mapper", None)
+    meta = {"kind": "manifest", "selector": cfg.selector, "fraction": cfg.fraction, "column": column,
+            "seed": cfg.seed, "global": cfg.global_rank, "params": params, "scores": str(cfg.scores),
+            "scores_hash": artifacts.file_hash(cfg.scores), "values_from": str(source),
+            "scores_config": score_meta.get("config"), "selected": int(len(sel.index)), "of": int(len(ids)),
+            "info": sel.info, "environment": artifacts.environment()}
+    path = Path(cfg.out)
+    artifacts.write_manifest(path, ids[sel.index], sel.weight, meta)
+    by = f"{cfg.selector} on {column}" if column else cfg.selector
+    return SelectResult(path, int(len(sel.index)), int(len(ids)),
+                        f"selected {len(sel.index)} of {len(ids)} samples ({by}, fraction {cfg.fraction}) -> {path}")
+
+
+def _score_column(table, column: Optional[str], path: str):
+    if column is None:
+        return None
+    known = artifacts.score_columns(table)
+    if column not in known:
+        raise ConfigError(f"--column {column!r} is not a score column of {path}; it has {', '.join(known)}")
+    return table.column(column).to_numpy().astype(np.float64)
+
+
+def _embeddings(path: str, column: str, ids: np.ndarray):
+    """[N, d] embeddings aligned with the score table's (sorted) ids."""
+    table, _ = artifacts.read_table(path, "embeddings file")
+    if column not in table.column_names:
+        raise ConfigError(f"--column {column!r} is not in {path}; it has {table.column_names}")
+    emb_ids = table.column("sample_id").to_numpy()
+    pos = np.searchsorted(emb_ids, ids)
+    if len(emb_ids) < len(ids) or np.any(pos >= len(emb_ids)) or not np.array_equal(emb_ids[np.minimum(pos, len(emb_ids) - 1)], ids):
+        raise DataError(f"embeddings file {path!r} does not hold a row for every sample_id of the score table")
+    col = table.column(column).combine_chunks()
+    values = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+    return values[pos].astype(np.float64), path
+
+
+def _class_mapper():
+    """Solve classes in parallel as Ray tasks when Ray is running (in-process or RAY_ADDRESS);
+    the builtin map otherwise."""
+    import os
+
+    from engine.distributed import runtime
+
+    if runtime.ray_running() or os.environ.get("RAY_ADDRESS"):
+        return runtime.task_map
+    return map
+
+
+__all__ = ["DEFAULT_COLUMN", "EMBEDDING_SELECTORS", "SelectResult", "select_stage"]
