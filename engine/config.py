@@ -7,7 +7,6 @@ rejects unknown keys. ``validate()`` raises ConfigError naming the field.
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Tuple, Type, TypeVar
@@ -235,21 +234,15 @@ def _check_type(name: str, v: Any, tp: Any) -> None:
         for i, item in enumerate(v):
             _check_type(f"{name}[{i}]", item, args[0])
         return
-    if tp is bool:
-        ok, what = isinstance(v, bool), "true or false"
-    elif tp is int:
-        ok, what = isinstance(v, int) and not isinstance(v, bool), "an integer"
-    elif tp is float:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        what = "a finite number"
-    elif tp is str:
-        ok, what = isinstance(v, str), "a string"
-    elif tp is dict or origin is dict:
-        ok, what = isinstance(v, dict), "a mapping"
-    else:
-        return
-    if not ok:
-        raise ConfigError(f"{name} must be {what}, got {v!r}")
+    if tp in _PROTOTYPE:  # the scalar types: the same check as a method's declared parameters
+        from engine.params import check_value
+
+        check_value(name, v, _PROTOTYPE[tp])
+    elif (tp is dict or origin is dict) and not isinstance(v, dict):
+        raise ConfigError(f"{name} must be a mapping, got {v!r}")
+
+
+_PROTOTYPE = {bool: False, int: 0, float: 0.0, str: ""}  # a value of each scalar type, for check_value
 
 
 def from_dict(cls: Type[C], d: dict) -> C:

@@ -8,6 +8,7 @@ prints a line per proxy epoch, Ray Data's progress, and finally
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -113,10 +114,8 @@ def _param_value(text: str):
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     for cast in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             return cast(text)
-        except ValueError:
-            pass
     return text
 
 

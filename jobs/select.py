@@ -59,11 +59,11 @@ def config_from(argv: Sequence[str]) -> SelectConfig:
 def main(argv: Sequence[str]) -> None:
     cfg = config_from(argv)
     from engine.stages import select_stage
+    from engine.stages.select import embeddings_path
     from engine.storage import check_output, staged_file
 
-    embeddings = cfg.embeddings or str(Path(cfg.scores).parent / "embeddings.parquet")
     scores_size = Path(cfg.scores).stat().st_size if Path(cfg.scores).is_file() else 0
-    check_output(cfg.out, "--out", file=True, inputs=(cfg.scores, embeddings), need_bytes=scores_size)
+    check_output(cfg.out, "--out", file=True, inputs=(cfg.scores, embeddings_path(cfg)), need_bytes=scores_size)
     with staged_file(cfg.out) as local:
         print(select_stage(replace(cfg, out=local)).summary)
 

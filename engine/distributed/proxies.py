@@ -88,7 +88,7 @@ def decode_augment(batch: dict, spec: str, transform: str, seed: int, epoch: int
     return {"sample_id": ids, "image": images, "label": np.asarray(batch["label"], dtype=np.int64)}
 
 
-def epoch_dataset(source, transform: str, seed: int, epoch: int):
+def epoch_dataset(source, transform: str, seed: int, epoch: int, ids: Optional[np.ndarray] = None):
     """The training split for pass ``epoch`` of proxy ``seed``: in ``order_key`` order, decoded
     and transformed. A source that reads rows in any order (one file per image:
     ``Source.partitions_in_order``) is read in that order directly: the order comes from the
@@ -97,7 +97,7 @@ def epoch_dataset(source, transform: str, seed: int, epoch: int):
     from engine.train.loops import order_key
 
     encoded = transform == "rrc-flip"
-    ids, _ = source.ids_and_labels("train")
+    ids = source.sample_ids("train") if ids is None else ids  # the split's ids in row order
     order = np.argsort(order_key(ids, seed, epoch), kind="stable")
     parts = source.partitions_in_order("train", order, STREAM_ROWS)
     if parts is not None:
@@ -236,7 +236,7 @@ def train_proxies_streamed(cfg: ScoreConfig, keep: tuple, work: Path, name: str,
             _proxy_loop,
             train_loop_config={"cfg": cfg, "seed": seed, "info": info, "keep": tuple(keep), "rows": len(all_ids),
                                "threads": 1},
-            datasets={f"e{e}": epoch_dataset(source, transform, seed, e) for e in range(1, cfg.epochs + 1)},
+            datasets={f"e{e}": epoch_dataset(source, transform, seed, e, ids) for e in range(1, cfg.epochs + 1)},
             dataset_config=DataConfig(execution_options=_ordered()),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(cfg.gpus_per_actor),
                                          resources_per_worker=per_worker),

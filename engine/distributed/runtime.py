@@ -170,8 +170,8 @@ def keep_ray_errors_off_the_console() -> None:
     import ray.data  # noqa: F401  (configures the logger's handlers)
 
     for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.FileHandler) or "File" in type(handler).__name__:
-            continue
+        if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
+            continue  # Ray Data's file handler (SessionFileHandler, a plain Handler) keeps everything
         if not any(isinstance(f, _ErrorsToLogFile) for f in handler.filters):
             handler.addFilter(_ErrorsToLogFile())
 

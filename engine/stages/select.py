@@ -38,8 +38,7 @@ def select_stage(cfg: SelectConfig) -> SelectResult:
     ids = table.column("sample_id").to_numpy()
     labels = table.column("label").to_numpy()
     if cfg.selector in EMBEDDING_SELECTORS:
-        values, source = _embeddings(cfg.embeddings or str(Path(cfg.scores).parent / "embeddings.parquet"), column,
-                                     ids)
+        values, source = _embeddings(embeddings_path(cfg), column, ids)
     else:
         values, source = _score_column(table, column, cfg.scores), cfg.scores
     params = dict(cfg.params)
@@ -57,6 +56,11 @@ def select_stage(cfg: SelectConfig) -> SelectResult:
     by = f"{cfg.selector} on {column}" if column else cfg.selector
     return SelectResult(path, int(len(sel.index)), int(len(ids)),
                         f"selected {len(sel.index)} of {len(ids)} samples ({by}, fraction {cfg.fraction}) -> {path}")
+
+
+def embeddings_path(cfg: SelectConfig) -> str:
+    """``--embeddings``, by default embeddings.parquet beside the score table."""
+    return cfg.embeddings or str(Path(cfg.scores).parent / "embeddings.parquet")
 
 
 def _score_column(table, column: Optional[str], path: str):
@@ -94,4 +98,4 @@ def _class_mapper():
     return map
 
 
-__all__ = ["DEFAULT_COLUMN", "EMBEDDING_SELECTORS", "SelectResult", "select_stage"]
+__all__ = ["DEFAULT_COLUMN", "EMBEDDING_SELECTORS", "SelectResult", "embeddings_path", "select_stage"]

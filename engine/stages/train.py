@@ -32,13 +32,12 @@ def load_subset(cfg: TrainConfig):
 
         info = source.info()
         build_model(cfg.model, info.image_shape[2], info.num_classes, info.image_shape[0], **cfg.model_options)
-    for split in ("train", "test"):  # unique integer ids and labels in range, read without decoding an image
-        source.ids_and_labels(split)
-    n_train = source.num_rows("train")
+    # unique integer ids and labels in range, from the listing or the id columns: no image is decoded
+    known, _ = source.ids_and_labels("train")
+    source.ids_and_labels("test")
     if cfg.manifest is None:
-        return None, None, n_train, None
+        return None, None, len(known), None
     ids, weight, _ = artifacts.read_manifest(cfg.manifest)
-    known = source.sample_ids("train")  # from the listing or the id columns: no image is decoded
     absent = ids[~np.isin(ids, known)]
     if len(absent):
         raise DataError(f"manifest {cfg.manifest!r} names {len(absent)} sample_id(s) absent from the training "
