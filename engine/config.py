@@ -7,6 +7,7 @@ rejects unknown keys. ``validate()`` raises ConfigError naming the field.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Tuple, Type, TypeVar
@@ -245,20 +246,61 @@ def _check_type(name: str, v: Any, tp: Any) -> None:
 _PROTOTYPE = {bool: False, int: 0, float: 0.0, str: ""}  # a value of each scalar type, for check_value
 
 
-def from_dict(cls: Type[C], d: dict) -> C:
-    """Build a config from a flat dict (YAML); unknown keys raise ConfigError naming them.
-    Optimiser fields (lr, batch_size...) may appear at top level."""
+def from_dict(cls: Type[C], d: dict, where: Optional[str] = None) -> C:
+    """Build a config from a dict (YAML); unknown keys raise ConfigError naming them.
+    Optimiser fields (lr, batch_size...) may appear at top level. A field whose type is a config
+    dataclass (or ``Dict[str, <config>]``) is built from its mapping the same way, and every
+    error names the field by its path from ``where`` (``param_space.fraction[2]: ...``)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
-    optim_names = {f.name for f in fields(OptimConfig)}
+    optim_names = {f.name for f in fields(OptimConfig)} if "optim" in names else set()
     unknown = sorted(set(d) - names - optim_names)
     if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names | optim_names)}")
-    kw = {k: _tuple(v) for k, v in d.items() if k in names and k != "optim"}
-    if "optim" in names:
+        head = f"{where}: unknown key(s)" if where else f"{cls.__name__}: unknown field(s)"
+        raise ConfigError(f"{head} {unknown}; known: {sorted(names | optim_names)}")
+    kw = {k: _build(_path(where, k, names), v, hints[k]) for k, v in d.items() if k in names and k != "optim"}
+    if optim_names:
         kw["optim"] = OptimConfig(**{k: v for k, v in d.items() if k in optim_names})
     cfg = cls(**kw)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(_path(where, str(e), names | optim_names)) from None
     return cfg
+
+
+def _path(where: Optional[str], rest: str, names: Any = ()) -> str:
+    """``rest`` (a field name, or a message) under ``where``: ``where.field ...`` when it starts
+    with one of ``names``, else ``where: message``."""
+    if not where:
+        return rest
+    head = re.match(r"[A-Za-z_][A-Za-z0-9_]*", rest)
+    return f"{where}.{rest}" if head and head.group() in names else f"{where}: {rest}"
+
+
+def _build(name: str, v: Any, tp: Any) -> Any:
+    """A YAML value for a field of type ``tp``: nested configs built, lists as tuples."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    optional = origin is typing.Union and type(None) in args
+    inner = next((a for a in args if a is not type(None)), tp) if optional else tp
+    if dataclasses.is_dataclass(inner):
+        if optional and v in (None, False):
+            return None
+        if not isinstance(v, dict):
+            keys = ", ".join(f.name for f in fields(inner))
+            raise ConfigError(f"{name} must be {'null or ' if optional else ''}a mapping with {keys}, got {v!r}")
+        return from_dict(inner, v, where=name)
+    if typing.get_origin(inner) is dict and len(typing.get_args(inner)) == 2 \
+            and dataclasses.is_dataclass(typing.get_args(inner)[1]):
+        if not isinstance(v, dict):
+            raise ConfigError(f"{name} must be a mapping, got {v!r}")
+        sub = typing.get_args(inner)[1]
+        return {str(k): from_dict(sub, x if x is not None else {}, where=f"{name}.{k}") for k, x in v.items()}
+    if typing.get_origin(inner) is tuple and v is not None and not isinstance(v, (list, tuple)):
+        return (v,)  # one value for a list field
+    return _tuple(v)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -65,7 +65,7 @@ def _manifests(folder: Path, ids, labels, scores) -> dict:
 
 
 def _results(out: Path, manifests: dict) -> None:
-    from jobs.sweep import write_results
+    from engine.sweep.results import write_results
 
     rng = np.random.default_rng(1)
     rows = []

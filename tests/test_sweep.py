@@ -9,6 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from engine.stages.sweep import STOPPED
+from engine.sweep import expand_trials, load_sweep, parse_overrides, sweep_from_dict, trial_train_config
 from jobs import sweep
 from tests.conftest import ROOT
 
@@ -28,7 +30,7 @@ def smoke_sweep(ray_local, tmp_path_factory):
 def test_smoke_sweep_results(smoke_sweep):
     out = smoke_sweep
     spec = yaml.safe_load(SMOKE.read_text())
-    trials = sweep.expand_trials(spec)
+    trials = expand_trials(sweep_from_dict(spec))
     table = pq.read_table(out / "results.parquet").to_pylist()
     assert sorted(r["trial_id"] for r in table) == sorted(t["key"] for t in trials)
     assert {r["label"] for r in table} == set(spec["param_space"]["selector"])
@@ -109,11 +111,11 @@ def test_shipped_configs_expand_and_validate(tmp_path):
         text = path.read_text()
         assert text.startswith("#") and "python -m jobs.sweep" in text and "runtime" in text and "shows" in text
         for smoke in (False, True):
-            spec = sweep.load_spec(str(path), smoke)
-            trials = sweep.expand_trials(spec)
-            base = sweep.base_train_config(spec)
+            cfg = load_sweep(str(path), smoke)
+            trials = expand_trials(cfg)
+            base = cfg.base_train_config()
             for t in trials:
-                sweep.trial_train_config(base, t, spec, tmp_path)
+                trial_train_config(cfg, base, t, tmp_path)
             if not smoke:
                 n[path.stem] = trials
     sel = n["fashion_mnist_selectors"]
@@ -131,11 +133,11 @@ def test_shipped_configs_expand_and_validate(tmp_path):
 
 
 def test_set_overrides():
-    o = sweep.parse_overrides(["param_space.seed=[0]", "param_space.fraction=[0.1, 0.3]", "train.epochs=3"])
-    spec = sweep.load_spec(str(ROOT / "tune_configs" / "fashion_mnist_selectors.yaml"), False, o)
-    trials = sweep.expand_trials(spec)
+    o = parse_overrides(["param_space.seed=[0]", "param_space.fraction=[0.1, 0.3]", "train.epochs=3"])
+    cfg = load_sweep(str(ROOT / "tune_configs" / "fashion_mnist_selectors.yaml"), False, o)
+    trials = expand_trials(cfg)
     assert {t["seed"] for t in trials} == {0} and {t["fraction"] for t in trials if t["selector"] != "full"} == {0.1, 0.3}
-    assert sweep.base_train_config(spec).epochs == 3
+    assert cfg.base_train_config().epochs == 3
 
 
 @pytest.mark.parametrize("item, needle", [("nodot", "KEY=VALUE"), ("bogus.x=1", "unknown key"),
@@ -160,9 +162,9 @@ def test_asha_sweep_settles_every_trial(ray_local, run_job, tmp_path):
     out = tmp_path / "asha"
     code, stdout, err = run_job(sweep, ["--config", cfg, "--out", out, "--no-report"])
     assert code == 0, err
-    trials = sweep.expand_trials(spec)
+    trials = expand_trials(sweep_from_dict(spec))
     finished = {t["key"] for t in trials if (out / "trials" / t["key"] / "metrics.json").is_file()}
-    stopped = {t["key"] for t in trials if (out / "trials" / t["key"] / sweep.STOPPED).is_file()}
+    stopped = {t["key"] for t in trials if (out / "trials" / t["key"] / STOPPED).is_file()}
     assert finished | stopped == {t["key"] for t in trials} and not finished & stopped
     assert finished and stopped  # ASHA cut some at rung 1; the best ran all 3 passes and kept their results
     info = json.loads((out / "sweep.json").read_text())

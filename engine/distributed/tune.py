@@ -9,7 +9,7 @@ the test accuracy after every pass, which is what ASHA stops on.
 
 Results live under one storage path (``<storage>/<name>``, one directory per trial named by
 its key); TensorBoard event files are written there by Tune's TBX logger. Resuming is the
-caller's: ``jobs.sweep`` hands a rerun only the trials without a result, and each of those
+caller's: ``engine.stages.sweep`` hands a rerun only the trials without a result, and each of those
 resumes from its own Ray Train checkpoints. (``Tuner.restore`` is not used: it never reruns a
 trial it recorded as finished, even when that trial's result was lost.)
 """
@@ -41,6 +41,22 @@ def report_callbacks() -> list:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     return [TuneReportCallback()]
+
+
+def train_trial(config: dict, cfg, out: str) -> None:
+    """The Tune trial function of a sweep (``engine.stages.sweep``): ``train_stage`` on the
+    trial's manifest, its Ray Train reports forwarded to Tune. A trial whose metrics.json exists
+    (an earlier run finished it) is not trained again: its final metrics are reported as they are."""
+    from pathlib import Path
+
+    from engine.stages.sweep import trial_result
+    from engine.stages.train import train_stage
+
+    tc, done = trial_result(cfg, config["trial"], Path(out))
+    if done is not None:
+        report_to_tune({"test_accuracy": done["test_accuracy"], "passes": done["passes"], "reused": True})
+        return
+    train_stage(tc, callbacks=report_callbacks())
 
 
 def report_to_tune(metrics: dict) -> None:
