@@ -308,7 +308,8 @@ def test_image_pixel_limit_is_configurable(tmp_path, monkeypatch):
 def test_pipeline_scores_what_each_selector_reads():
     """--selectors geda used to fail after scoring (gradnorm_init was never computed) and take
     the finished scores with it; craig needs embeddings."""
-    score_cfg, selectors, *_ = pipeline.plan(["--selectors", "random,geda,craig,topk:forgetting"])
+    cfg = pipeline.config_from(["--selectors", "random,geda,craig,topk:forgetting"])
+    score_cfg, selectors = cfg.score_config(), cfg.selections()
     assert dict(selectors) == {"random": None, "geda": "gradnorm_init", "craig": "grad_embedding",
                                "topk": "forgetting"}
     assert set(score_cfg.scores) == {"gradnorm_init", "forgetting"} and score_cfg.embedding_dim > 0

@@ -7,6 +7,9 @@ writes its artifacts; the job around it parses flags into the config and prints 
 - ``select_stage(SelectConfig) -> SelectResult``: a score table (and embeddings) -> a manifest.
 - ``train_stage(TrainConfig) -> dict``: the (sub)set fitted on Ray Train, metrics.json
   (resumable; a Ray session is assumed); ``load_subset`` checks the manifest against the data.
+- ``plan_sweep`` / ``sweep_stage(SweepConfig, out)`` (``sweep.py``): scores once, a manifest per
+  (selector, fraction, seed), the Tune grid of retraining runs, the results and the report.
+- ``pipeline_stage(PipelineConfig)`` (``pipeline.py``): the main job, the three stages composed.
 """
 from engine.stages.select import DEFAULT_COLUMN, EMBEDDING_SELECTORS, SelectResult, select_stage
 

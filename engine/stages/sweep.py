@@ -110,7 +110,7 @@ def _scores(cfg: SweepConfig, score: Optional[ScoreConfig]) -> Optional[str]:
 
 
 def _manifests(cfg: SweepConfig, trials: Sequence[dict], scores: Optional[str], out: Path) -> None:
-    from engine.stages.select import select_stage
+    from engine.stages import select_stage
 
     todo = {manifest_name(t): t for t in trials if t["selector"] != "full"}
     print(f"== selection: {len(todo)} manifest(s)")
