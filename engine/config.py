@@ -81,7 +81,12 @@ class ScoreConfig:
                 raise ConfigError(f"score_epochs: epoch {e} is outside 0..epochs ({self.epochs})")
         if self.embedding_dim < 0:
             raise ConfigError(f"embedding_dim must be 0 (none) or more, got {self.embedding_dim!r}")
-        from engine.scores import check_params
+        from engine.scores import HISTORY_SCORERS, check_params
+
+        history = [s for s in self.scores if s in HISTORY_SCORERS]
+        if self.epochs == 0 and history:
+            raise ConfigError(f"--epochs 0 trains no proxy, so there is no training history for {', '.join(history)}; "
+                              f"use --epochs 1 or more")
 
         check_params(self.score_params)
         self.optim.validate()

@@ -8,6 +8,7 @@ of the wrong type, NaN or infinity, a value out of range and a name the method d
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -89,4 +90,31 @@ def check_kwargs(owner: str, prefix: str, params: dict, defaults: Dict[str, Any]
     return {k: check_value(f"{prefix}{k}", v, defaults[k], rules.get(k)) for k, v in params.items()}
 
 
-__all__ = ["Rule", "at_least", "check_kwargs", "check_value", "declared", "positive"]
+
+def parse_method_params(text: str) -> dict:
+    """'nc.iters=20,curvature.eps=0.1' -> {"nc": {"iters": 20}, "curvature": {"eps": 0.1}}: a
+    flag's METHOD.PARAM=VALUE list (argparse type; checked against the methods by ``check_kwargs``)."""
+    import argparse
+
+    out: dict = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        key, sep, value = item.partition("=")
+        score, dot, name = key.partition(".")
+        if not sep or not dot or not score or not name:
+            raise argparse.ArgumentTypeError(f"expected SCORE.PARAM=VALUE, got {item!r}")
+        out.setdefault(score, {})[name] = _param_value(value.strip())
+    return out
+
+
+def _param_value(text: str):
+    """'20' -> 20, '0.1' -> 0.1, 'true'/'false' -> bool, anything else stays a string (the
+    scorer's declared type decides whether it is welcome: engine.scores.check_params)."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        with contextlib.suppress(ValueError):
+            return cast(text)
+    return text
+
+
+__all__ = ["Rule", "at_least", "check_kwargs", "check_value", "declared", "parse_method_params", "positive"]

@@ -8,17 +8,12 @@ prints a line per proxy epoch, Ray Data's progress, and finally
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Sequence
 
 from engine.config import ScoreConfig
-from engine.errors import ConfigError
-from engine.scores import (
-    HISTORY_SCORERS,
-    check_params,
-    parse_score_names,
-)
+from engine.params import parse_method_params
+from engine.scores import check_params, parse_score_names
 from jobs._cli import (
     Parser,
     add_data_flags,
@@ -54,7 +49,7 @@ def build_parser() -> Parser:
                         "share a small machine)")
     p.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPUs per scoring actor and proxy")
     p.add_argument("--score-batch-size", type=int, default=d.score_batch_size, help="rows per scoring batch")
-    p.add_argument("--score-params", type=parse_score_params, default={},
+    p.add_argument("--score-params", type=parse_method_params, default={},
                    help="scorer parameters, e.g. 'nc.iters=20,nc.hvp=exact,curvature.eps=0.1' "
                         "(curvature.eps defaults to 8/255 in pixel units, divided by the data's std)")
     p.add_argument("--embeddings", type=int, default=0, metavar="DIM",
@@ -88,35 +83,7 @@ def config_from(argv: Sequence[str]) -> ScoreConfig:
                       proxy_loader=args.proxy_loader, proxy_workers=args.proxy_workers, optim=optim_from(args),
                       out=args.out)
     cfg.validate()
-    if cfg.epochs == 0 and any(s in HISTORY_SCORERS for s in cfg.scores):
-        raise ConfigError("--epochs 0 trains no proxy, so there is no training history for "
-                          f"{', '.join(s for s in cfg.scores if s in HISTORY_SCORERS)}; use --epochs 1 or more")
     return cfg
-
-
-def parse_score_params(text: str) -> dict:
-    """'nc.iters=20,curvature.eps=0.1' -> {"nc": {"iters": 20}, "curvature": {"eps": 0.1}}."""
-    import argparse
-
-    out: dict = {}
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        key, sep, value = item.partition("=")
-        score, dot, name = key.partition(".")
-        if not sep or not dot or not score or not name:
-            raise argparse.ArgumentTypeError(f"expected SCORE.PARAM=VALUE, got {item!r}")
-        out.setdefault(score, {})[name] = _param_value(value.strip())
-    return out
-
-
-def _param_value(text: str):
-    """'20' -> 20, '0.1' -> 0.1, 'true'/'false' -> bool, anything else stays a string (the
-    scorer's declared type decides whether it is welcome: engine.scores.check_params)."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for cast in (int, float):
-        with contextlib.suppress(ValueError):
-            return cast(text)
-    return text
 
 
 def main(argv: Sequence[str]) -> None:

@@ -23,12 +23,13 @@ from engine.config import TrainConfig
 from jobs._cli import (
     Parser,
     add_data_flags,
+    add_eval_flags,
     add_fresh_flag,
     add_optim_flags,
     add_train_transform_flag,
+    config_from_args,
     data_spec,
     entry,
-    float_list,
     optim_from,
     start_fresh,
 )
@@ -69,14 +70,7 @@ def build_parser() -> Parser:
     p.add_argument("--lcnn", action="store_true",
                    help="the LCNN paper's network: centered softplus + spectral norm + γ-Lipschitz BatchNorm "
                         "(explicit --beta / --bn-gamma override the paper's defaults)")
-    p.add_argument("--geometry", action="store_true",
-                   help="metrics: E||grad f||, E||hessian f||, E C_f on the test set (the LCNN paper's table)")
-    p.add_argument("--pgd-eps", type=float_list, default=d.pgd_eps,
-                   help="metrics: l2 PGD robust accuracy at these radii in pixel units, e.g. 0.05,0.1,0.15,0.2")
-    p.add_argument("--pgd-steps", type=int, default=d.pgd_steps, help="PGD iterations (default %(default)s)")
-    p.add_argument("--pgd-step-size", type=float, default=d.pgd_step_size, help="PGD step (default 2.5·eps/steps)")
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples,
-                   help="test samples for geometry and PGD (0 = all; default %(default)s)")
+    add_eval_flags(p, d)
     p.add_argument("--max-failures", type=int, default=d.max_failures,
                    help="restarts of the worker group from the last checkpoint (default %(default)s)")
     p.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker,
@@ -94,37 +88,26 @@ def build_parser() -> Parser:
 
 def config_from(argv: Sequence[str]) -> TrainConfig:
     a = build_parser().parse_args(argv)
-    activation, beta, bn_gamma = a.activation, a.beta, a.bn_gamma
+    model = {"activation": a.activation, "beta": a.beta, "bn_gamma": a.bn_gamma, "spectral_norm": a.spectral_norm}
     if a.lcnn:
         from engine.models.lcnn import LCNN_DEFAULTS
 
-        activation = "centered_softplus"
-        beta = LCNN_DEFAULTS["beta"] if beta is None else beta
-        bn_gamma = LCNN_DEFAULTS["bn_gamma"] if bn_gamma is None else bn_gamma
-    cfg = TrainConfig(data=data_spec(a), model=a.model, manifest=a.manifest, epochs=a.epochs, workers=a.workers,
-                      gpus=a.gpus, seed=a.seed, budget=a.budget, weighting=a.weighting,
-                      loader=a.loader, train_transform=a.train_transform,
-                      curvature_lambda=a.curvature_lambda, curvature_eps=a.curvature_eps, gradreg=a.gradreg,
-                      activation=activation, beta=beta, spectral_norm=a.spectral_norm or a.lcnn, bn_gamma=bn_gamma,
-                      geometry=a.geometry, pgd_eps=tuple(a.pgd_eps), pgd_steps=a.pgd_steps,
-                      pgd_step_size=a.pgd_step_size, eval_samples=a.eval_samples, max_failures=a.max_failures,
-                      cpus_per_worker=a.cpus_per_worker, checkpoint_storage=a.checkpoint_storage,
-                      optim=optim_from(a), out=a.out)
-    cfg.validate()
-    return cfg
+        model.update(activation="centered_softplus", spectral_norm=True,
+                     beta=LCNN_DEFAULTS["beta"] if a.beta is None else a.beta,
+                     bn_gamma=LCNN_DEFAULTS["bn_gamma"] if a.bn_gamma is None else a.bn_gamma)
+    return config_from_args(TrainConfig, a, data=data_spec(a), pgd_eps=tuple(a.pgd_eps), optim=optim_from(a), **model)
 
 
 def main(argv: Sequence[str]) -> None:
-    from engine.stages.train import load_subset, train_stage
-
-    cfg = config_from(argv)
-    subset = load_subset(cfg)
     from dataclasses import replace
 
     from engine.distributed.runtime import ray_session
     from engine.runlock import run_lock
+    from engine.stages.train import load_subset, train_stage
     from engine.storage import staged_output
 
+    cfg = config_from(argv)
+    subset = load_subset(cfg)
     fresh = build_parser().parse_args(argv).fresh
     with staged_output(cfg.out) as local, run_lock(local, "jobs.train"), ray_session():
         if fresh:
