@@ -7,6 +7,8 @@ runs in well under a second).
   call ``ray_session``, never ``ray.init``;
 * files are data: ``torch.load`` is called only by ``engine.artifacts.load_tensors`` (weights
   only); no ``pickle`` / ``cloudpickle`` load, no ``yaml.load``, no ``allow_pickle=True``;
+* jobs are thin: no ``jobs/*.py`` imports another job (only the shared ``jobs._cli``), each is
+  at most 120 lines, and no function in ``engine/`` or ``jobs/`` is over 60 lines;
 * ``ruff check .`` is clean (``make lint``; ``make test`` runs it first).
 
 Every failure lists all offenders as ``path:line: what``.
@@ -145,6 +147,40 @@ def unsafe_loads(root: Path = ROOT) -> list[str]:
     return out
 
 
+JOB_LINES, FUNCTION_LINES = 120, 60
+SHARED_JOB_MODULES = {"jobs", "jobs._cli"}
+
+
+def jobs_importing_jobs(root: Path = ROOT) -> list[str]:
+    """``path:line: imports MODULE`` for every import of another job by a job."""
+    out = []
+    for path in _py_files("jobs", root=root):
+        rel, me = path.relative_to(root).as_posix(), f"jobs.{path.stem}"
+        seen = set()
+        for line, module in _imports(path, root):
+            top = ".".join(module.split(".")[:2])
+            if top.startswith("jobs.") and top not in SHARED_JOB_MODULES and top != me and line not in seen:
+                seen.add(line)
+                out.append(f"{rel}:{line}: imports {module}")
+    return out
+
+
+def long_jobs(root: Path = ROOT) -> list[str]:
+    return [f"{p.relative_to(root).as_posix()}:1: {n} lines (at most {JOB_LINES})"
+            for p in _py_files("jobs", root=root) if (n := len(p.read_text(encoding="utf-8").splitlines())) > JOB_LINES]
+
+
+def long_functions(root: Path = ROOT) -> list[str]:
+    out = []
+    for path in _py_files("engine", "jobs", root=root):
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > FUNCTION_LINES:
+                    out.append(f"{path.relative_to(root).as_posix()}:{node.lineno}: {node.name} is {n} lines")
+    return out
+
+
 def _fail_if(offenders: list[str], what: str) -> None:
     if offenders:
         pytest.fail(f"{what} ({len(offenders)}):\n  " + "\n  ".join(offenders), pytrace=False)
@@ -160,6 +196,32 @@ def test_only_the_runtime_helper_starts_ray():
 
 def test_files_are_loaded_as_data_only():
     _fail_if(unsafe_loads(), "calls that may run code from a file (use engine.artifacts.load_tensors)")
+
+
+def test_jobs_are_thin():
+    _fail_if(jobs_importing_jobs(), "jobs that import another job (share code through engine/ or jobs/_cli.py)")
+    _fail_if(long_jobs(), f"jobs over {JOB_LINES} lines (a job parses flags, calls one stage and prints)")
+    _fail_if(long_functions(), f"functions over {FUNCTION_LINES} lines")
+
+
+def test_the_thin_job_checks_catch_planted_violations(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(60))  # a function of 61 lines with its def
+    short = "".join(f"    x{i} = {i}\n" for i in range(59))  # 60 lines: allowed
+    files = {
+        "jobs/__init__.py": "",
+        "jobs/_cli.py": "import argparse\n",
+        "jobs/a.py": "from jobs._cli import run\nfrom jobs.b import main\n",
+        "jobs/b.py": "def main():\n    from jobs import c\n    import jobs.c.d\n" + "\n" * JOB_LINES,
+        "jobs/c.py": f"def ok():\n{short}",
+        "engine/e.py": f"def too_long():\n{body}",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert jobs_importing_jobs(tmp_path) == ["jobs/a.py:2: imports jobs.b", "jobs/b.py:2: imports jobs.c",
+                                             "jobs/b.py:3: imports jobs.c.d"]
+    assert [o.split(": ")[0] for o in long_jobs(tmp_path)] == ["jobs/b.py:1"]
+    assert long_functions(tmp_path) == ["engine/e.py:1: too_long is 61 lines"]
 
 
 def test_the_checks_catch_planted_violations(tmp_path):

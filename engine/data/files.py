@@ -590,32 +590,17 @@ class ImageFolderSource(EncodedImages, Source):
         index = {c: i for i, c in enumerate(self.classes)}
         self._stats = {}
 
-        def scan(pre: str, where: str) -> list:
-            found, per_class = [], {}
-            for rel, f in sorted(rels.items()):
-                if f.type != pafs.FileType.File or not rel.startswith(pre) or not rel.lower().endswith(FOLDER_EXT):
-                    continue
-                cls, sep, _ = rel[len(pre):].partition("/")
-                if not sep:
-                    continue  # a file beside the class folders, as ImageFolder ignores it
-                if cls not in index:
-                    raise DataError(f"imagefolder: {where} class folder {cls!r} is not among the training classes")
-                found.append((rel, index[cls]))
-                per_class[cls] = per_class.get(cls, 0) + 1
-                self._stats[rel] = (f.size, f.mtime_ns)
-            return found, per_class
-
         if prefix:
             self.lists = {}
             for split in ("train", "test"):
-                self.lists[split], per_class = scan(prefix[split], prefix[split].rstrip("/"))
+                self.lists[split], per_class = self._scan(rels, prefix[split], prefix[split].rstrip("/"), index)
                 if split == "train":
                     empty = [c for c in self.classes if not per_class.get(c)]
                     if empty:
                         raise DataError(f"imagefolder: class folder {prefix['train']}{empty[0]} has no images "
                                         f"({', '.join(FOLDER_EXT)})")
         else:
-            every, per_class = scan("", "")
+            every, per_class = self._scan(rels, "", "", index)
             empty = [c for c in self.classes if not per_class.get(c)]
             if empty:
                 raise DataError(f"imagefolder: class folder {empty[0]!r} has no images ({', '.join(FOLDER_EXT)})")
@@ -624,13 +609,34 @@ class ImageFolderSource(EncodedImages, Source):
                           "test": [f for f, t in zip(every, test) if t]}
         if bad == "skip":
             self._skip_unreadable()
+        self._check_ids()
+        self._rel_of: Optional[dict] = None  # sample_id -> relative path of the training files (augment)
+
+    def _scan(self, rels: dict, pre: str, where: str, index: dict) -> tuple:
+        """([(relative path, label)], {class: count}) of the image files under ``pre``; their
+        sizes and times go to ``_stats``."""
+        found, per_class = [], {}
+        for rel, f in sorted(rels.items()):
+            if f.type != pafs.FileType.File or not rel.startswith(pre) or not rel.lower().endswith(FOLDER_EXT):
+                continue
+            cls, sep, _ = rel[len(pre):].partition("/")
+            if not sep:
+                continue  # a file beside the class folders, as ImageFolder ignores it
+            if cls not in index:
+                raise DataError(f"imagefolder: {where} class folder {cls!r} is not among the training classes")
+            found.append((rel, index[cls]))
+            per_class[cls] = per_class.get(cls, 0) + 1
+            self._stats[rel] = (f.size, f.mtime_ns)
+        return found, per_class
+
+    def _check_ids(self) -> None:
+        """No two files of the folder share a sample_id (a hash of the relative path)."""
         seen: dict = {}
         for split in ("train", "test"):
             for rel, _ in self.lists[split]:
                 other = seen.setdefault(stable_id(rel), rel)
                 if other != rel:
                     raise DataError(f"imagefolder: {other} and {rel} hash to the same sample_id; rename one")
-        self._rel_of: Optional[dict] = None  # sample_id -> relative path of the training files (augment)
 
     def _skip_unreadable(self) -> None:
         """``bad=skip``: decode every listed file once (``find_bad_images``, cached) and leave

@@ -56,17 +56,10 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _train_loop(loop_cfg: dict) -> None:
-    """Runs in every Ray Train worker."""
+    """Runs in every Ray Train worker: the passes from the last checkpoint on, rank 0
+    evaluating and checkpointing after each."""
     from engine.models import build_model
-    from engine.train import (
-        epoch_plan,
-        evaluate,
-        make_optimizer,
-        seed_everything,
-        shuffled_batches,
-        train_epoch,
-        weighted_batches,
-    )
+    from engine.train import epoch_plan, make_optimizer, seed_everything
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own line per pass is enough
     cfg: TrainConfig = loop_cfg["cfg"]
@@ -76,6 +69,47 @@ def _train_loop(loop_cfg: dict) -> None:
         torch.set_num_threads(max(1, int(loop_cfg.get("threads", 1))))
     source = load_source(cfg.data)
     info = source.info()
+    data = _worker_data(cfg, loop_cfg, source, rank)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, info.image_shape[2], info.num_classes, info.image_shape[0], **cfg.model_options)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    passes, total_steps = epoch_plan(data["rows"], cfg.optim.batch_size * world, cfg.epochs, cfg.budget,
+                                     data["full_rows"])
+    opt, sched = make_optimizer(model, cfg.optim, total_steps)
+    penalty = _penalty(cfg, info)
+    checkpoint = ray.train.get_checkpoint()
+    state = _restore(checkpoint, model, opt, sched, rank, passes)
+    if device.type == "cuda" and not data["stream"] and data["transform"] == "none":  # augmentation runs on the host
+        data["train"] = _to_device(data["train"], device)
+        _warm_up(model, data["train"], info, device, penalty)
+    run = dict(cfg=cfg, source=source, info=info, model=model, opt=opt, sched=sched, device=device, penalty=penalty,
+               rank=rank, world=world, passes=passes, total_steps=total_steps, **data)
+    start = state["epoch"] + 1
+    for epoch in range(start, passes + 1):
+        t0 = time.time()
+        steps, seen, loss = _one_pass(run, epoch, total_steps - state["steps"])
+        state["train_time_s"] += time.time() - t0
+        state["steps"] += steps
+        state["samples_seen"] += seen
+        state["epoch"] = epoch
+        _after_pass(run, state, epoch, loss, Path(loop_cfg["work_dir"]))
+    if state["epoch"] == passes and checkpoint is not None and start == passes + 1:
+        # resumed from the last pass's checkpoint (the run died after it): report the final metrics again
+        if rank == 0:
+            from engine.train import evaluate
+
+            acc = evaluate(model, data["test"], info, device)
+            _report_with_checkpoint(_final_metrics(cfg, model, data["test"], info, device, state, passes, acc),
+                                    model, opt, sched, state)
+        else:
+            ray.train.report({"final": True})
+
+
+def _worker_data(cfg: TrainConfig, loop_cfg: dict, source, rank: int) -> dict:
+    """This worker's training rows (in memory, or None when streamed from its Ray Data
+    shard), their count, the full split's count, the normalised manifest weights, the test
+    split (rank 0 only; streamed by partition when the training rows are) and the transform."""
     stream = loop_cfg["stream"]
     weight = None
     if stream:  # rows arrive from this worker's Ray Data shard; counts come from the driver
@@ -88,84 +122,75 @@ def _train_loop(loop_cfg: dict) -> None:
             weight = np.asarray(loop_cfg["weight"], dtype=np.float64)
             weight = weight / weight.mean()
         n_rows = len(train)
-    if rank != 0:
-        test = None
-    else:  # streamed: the test split is evaluated one partition at a time
-        test = StreamedSplit(source, "test") if stream else source.arrays("test")
-    transform = cfg.train_transform or info.train_transform
+    test = None if rank != 0 else StreamedSplit(source, "test") if stream else source.arrays("test")
+    return {"stream": stream, "train": train, "rows": n_rows, "full_rows": full_n, "weight": weight, "test": test,
+            "transform": cfg.train_transform or source.info().train_transform}
 
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model, info.image_shape[2], info.num_classes, info.image_shape[0], **cfg.model_options)
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
-    B = cfg.optim.batch_size
-    global_batch = B * world
-    passes, total_steps = epoch_plan(n_rows, global_batch, cfg.epochs, cfg.budget, full_n)
-    opt, sched = make_optimizer(model, cfg.optim, total_steps)
-    penalty = _penalty(cfg, info)
-    state = {"epoch": 0, "steps": 0, "samples_seen": 0, "train_time_s": 0.0, "history": [], "restarts": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        saved = _load_training_state(checkpoint, rank)
-        _unwrap(model).load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["torch_rng"])
-        state = {**saved["counters"], "restarts": saved["counters"].get("restarts", 0) + 1}
-        if rank == 0:
-            print(f"train: resuming after pass {state['epoch']}/{passes} from its checkpoint", flush=True)
-    if device.type == "cuda" and not stream and transform == "none":  # augmentation runs on the host
-        train = _to_device(train, device)
-        _warm_up(model, train, info, device, penalty)
-    sample_w = weight if (weight is not None and cfg.weighting == "loss") else None
-    chaos = Path(loop_cfg["work_dir"]) / CHAOS_FILE
-    start = state["epoch"] + 1
-    for epoch in range(start, passes + 1):
-        t0 = time.time()
-        if stream:
-            steps, seen, loss = _stream_pass(model, opt, sched, info, device, penalty, cfg, epoch,
-                                             total_steps - state["steps"], n_rows, world,
-                                             _stream_augment(source, transform, cfg.seed, epoch))
-        else:
-            if weight is not None and cfg.weighting == "sampling":
-                batches = weighted_batches(weight, global_batch, cfg.seed, epoch)
-            else:
-                batches = shuffled_batches(len(train), global_batch, cfg.seed, epoch)
-            batches = batches[: total_steps - state["steps"]]
-            mine = [b[rank * B:(rank + 1) * B] for b in batches]
-            mine = [b for b in mine if len(b)]
-            loss, _ = train_epoch(model, opt, sched, train, info, mine, device, sample_w, penalty,
-                                  _array_augment(source, train, transform, cfg.seed, epoch))
-            steps, seen = len(batches), int(sum(len(b) for b in batches))
-        state["train_time_s"] += time.time() - t0
-        state["steps"] += steps
-        state["samples_seen"] += seen
-        state["epoch"] = epoch
-        metrics = {"epoch": epoch, "passes": passes, "train_loss": loss, **{k: state[k] for k in
-                   ("steps", "samples_seen", "train_time_s", "restarts")}}
-        if rank == 0:
-            metrics["test_accuracy"] = evaluate(model, test, info, device)
-            state["history"].append({"epoch": epoch, "train_loss": loss, "test_accuracy": metrics["test_accuracy"]})
-            print(f"train: pass {epoch}/{passes} loss {loss:.4f} test-acc {metrics['test_accuracy']:.4f}", flush=True)
-            if epoch == passes:  # Result.metrics are those of the last checkpoint: the final ones ride on it
-                metrics.update(_final_metrics(cfg, model, test, info, device, state, passes, metrics["test_accuracy"]))
-            _report_with_checkpoint(metrics, model, opt, sched, state)
-            if chaos.exists():
-                chaos.unlink(missing_ok=True)
-                # wait until the controller has registered this pass's checkpoint (reports are
-                # processed asynchronously), so the drill tests resuming rather than a lost report
-                ray.train.get_all_reported_checkpoints(timeout_s=60)
-                print("train: chaos drill, rank 0 exits", flush=True)
-                os._exit(17)
-        else:
-            ray.train.report(metrics)
-    if state["epoch"] == passes and checkpoint is not None and start == passes + 1:
-        # resumed from the last pass's checkpoint (the run died after it): report the final metrics again
-        if rank == 0:
-            final = _final_metrics(cfg, model, test, info, device, state, passes, evaluate(model, test, info, device))
-            _report_with_checkpoint(final, model, opt, sched, state)
-        else:
-            ray.train.report({"final": True})
+
+def _restore(checkpoint, model, opt, sched, rank: int, passes: int) -> dict:
+    """The run's counters, with model, optimizer, scheduler and RNG loaded from ``checkpoint``
+    (a restart or a rerun), or fresh ones."""
+    if checkpoint is None:
+        return {"epoch": 0, "steps": 0, "samples_seen": 0, "train_time_s": 0.0, "history": [], "restarts": 0}
+    saved = _load_training_state(checkpoint, rank)
+    _unwrap(model).load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    state = {**saved["counters"], "restarts": saved["counters"].get("restarts", 0) + 1}
+    if rank == 0:
+        print(f"train: resuming after pass {state['epoch']}/{passes} from its checkpoint", flush=True)
+    return state
+
+
+def _one_pass(run: dict, epoch: int, steps_left: int) -> tuple:
+    """One pass over this worker's rows: (global steps, global rows, this worker's mean loss)."""
+    from engine.train import shuffled_batches, train_epoch, weighted_batches
+
+    cfg, source, transform = run["cfg"], run["source"], run["transform"]
+    if run["stream"]:
+        return _stream_pass(run["model"], run["opt"], run["sched"], run["info"], run["device"], run["penalty"], cfg,
+                            epoch, steps_left, run["rows"], run["world"],
+                            _stream_augment(source, transform, cfg.seed, epoch))
+    B, weight, train = cfg.optim.batch_size, run["weight"], run["train"]
+    if weight is not None and cfg.weighting == "sampling":
+        batches = weighted_batches(weight, B * run["world"], cfg.seed, epoch)
+    else:
+        batches = shuffled_batches(len(train), B * run["world"], cfg.seed, epoch)
+    batches = batches[:steps_left]
+    mine = [b[run["rank"] * B:(run["rank"] + 1) * B] for b in batches]
+    sample_w = weight if cfg.weighting == "loss" else None
+    loss, _ = train_epoch(run["model"], run["opt"], run["sched"], train, run["info"], [b for b in mine if len(b)],
+                          run["device"], sample_w, run["penalty"], _array_augment(source, train, transform, cfg.seed, epoch))
+    return len(batches), int(sum(len(b) for b in batches)), loss
+
+
+def _after_pass(run: dict, state: dict, epoch: int, loss: float, work_dir: Path) -> None:
+    """Report the pass: rank 0 evaluates, checkpoints (with the final metrics after the last
+    pass) and prints a line; the others report their counters."""
+    from engine.train import evaluate
+
+    passes = run["passes"]
+    metrics = {"epoch": epoch, "passes": passes, "train_loss": loss, **{k: state[k] for k in
+               ("steps", "samples_seen", "train_time_s", "restarts")}}
+    if run["rank"] != 0:
+        ray.train.report(metrics)
+        return
+    model, test, info, device = run["model"], run["test"], run["info"], run["device"]
+    metrics["test_accuracy"] = evaluate(model, test, info, device)
+    state["history"].append({"epoch": epoch, "train_loss": loss, "test_accuracy": metrics["test_accuracy"]})
+    print(f"train: pass {epoch}/{passes} loss {loss:.4f} test-acc {metrics['test_accuracy']:.4f}", flush=True)
+    if epoch == passes:  # Result.metrics are those of the last checkpoint: the final ones ride on it
+        metrics.update(_final_metrics(run["cfg"], model, test, info, device, state, passes, metrics["test_accuracy"]))
+    _report_with_checkpoint(metrics, model, run["opt"], run["sched"], state)
+    chaos = work_dir / CHAOS_FILE
+    if chaos.exists():
+        chaos.unlink(missing_ok=True)
+        # wait until the controller has registered this pass's checkpoint (reports are
+        # processed asynchronously), so the drill tests resuming rather than a lost report
+        ray.train.get_all_reported_checkpoints(timeout_s=60)
+        print("train: chaos drill, rank 0 exits", flush=True)
+        os._exit(17)
 
 
 def _array_augment(source, train, transform: str, seed: int, epoch: int):
@@ -435,25 +460,13 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
     out = Path(cfg.out).resolve()
     work = Path(work_dir).resolve() if work_dir else out / PARTIAL
     name = f"run-{run_fingerprint(cfg, manifest_hash)}"
-    if work.is_dir():  # checkpoints of another config cannot be resumed: drop them
-        for child in work.glob("ray_train/run-*"):
-            if child.name != name:
-                shutil.rmtree(child, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
+    _drop_other_runs(work, name)
     source = load_source(cfg.data)  # listed once here (an image folder on S3 is a long listing)
     stream = resolve_loader(cfg, ids, source) == "ray-data"
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
     # the ray-data loader's read tasks need CPUs of their own: leave one free
-    spare = 1 if stream else 0
-    cpus = cfg.cpus_per_worker or max(1, (total_cpus - spare) // cfg.workers)
-    threads = max(1, int(cpus))
-    loop_cfg = {"cfg": cfg, "ids": ids, "weight": weight, "threads": threads, "work_dir": str(work), "stream": stream}
-    datasets = None
-    if stream:  # rows stream to the workers; only counts travel in the config
-        full = source.num_rows("train")
-        loop_cfg.update(ids=None, weight=None, rows=full if ids is None else len(ids), full_rows=full)
-        transform = cfg.train_transform or source.info().train_transform
-        datasets = {"train": train_dataset(source, ids, weight, encoded=_encoded_rows(source, transform))}
+    cpus = cfg.cpus_per_worker or max(1, (total_cpus - (1 if stream else 0)) // cfg.workers)
+    loop_cfg, datasets = _loop_inputs(cfg, source, ids, weight, stream, max(1, int(cpus)), work)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_cfg, datasets=datasets,
@@ -485,6 +498,27 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
     metrics["wall_time_s"] = wall
     metrics["loader"] = "ray-data" if stream else "memory"
     return metrics
+
+
+def _drop_other_runs(work: Path, name: str) -> None:
+    """Checkpoints of another config cannot be resumed: drop them; make ``work``."""
+    if work.is_dir():
+        for child in work.glob("ray_train/run-*"):
+            if child.name != name:
+                shutil.rmtree(child, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+
+
+def _loop_inputs(cfg: TrainConfig, source, ids, weight, stream: bool, threads: int, work: Path) -> tuple:
+    """(the workers' loop config, the Ray Datasets they stream or None): in memory, the
+    manifest's ids and weights travel in the config; streamed, only counts do."""
+    loop_cfg = {"cfg": cfg, "ids": ids, "weight": weight, "threads": threads, "work_dir": str(work), "stream": stream}
+    if not stream:
+        return loop_cfg, None
+    full = source.num_rows("train")
+    loop_cfg.update(ids=None, weight=None, rows=full if ids is None else len(ids), full_rows=full)
+    transform = cfg.train_transform or source.info().train_transform
+    return loop_cfg, {"train": train_dataset(source, ids, weight, encoded=_encoded_rows(source, transform))}
 
 
 def resolve_loader(cfg: TrainConfig, ids: Optional[np.ndarray], source) -> str:

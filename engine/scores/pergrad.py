@@ -126,73 +126,95 @@ def per_sample_grad_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     mods, ok = _param_modules(model)
     if not ok:
         bad = sorted({type(m).__name__ for m in mods if not _supported(m)})
-        warnings.warn(f"per-sample gradient norms: no book-keeping rule for {bad}; using torch.func (exact, slower)")
-        return _func_grad_sq_norms(model, x, y, loss_fn)
+        return _fallback(model, x, y, loss_fn, f"no book-keeping rule for {bad} (exact, slower)")
     x = x.detach()
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     dev = x.device.type
     cdtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    plan = _Plan(x.device, cdtype, acc, chunk_bytes or CHUNK_BYTES, conv_method, stats)
-    names = {m: n for n, m in model.named_modules()}
-    total = torch.zeros(len(x), dtype=acc, device=x.device)
-    calls = {m: 0 for m in mods}
-    roots: List[torch.Tensor] = []
-    bad: List[str] = []
-    pending = {}
+    rec = _Recorder(model, mods, _Plan(x.device, cdtype, acc, chunk_bytes or CHUNK_BYTES, conv_method, stats),
+                    len(x), acc)
+    logits = rec.forward(x)
+    reason = rec.why_not()
+    if reason:
+        del logits
+        rec.clear()
+        return _fallback(model, x, y, loss_fn, reason)
+    loss = loss_fn(logits.float(), y, reduction="sum")
+    del logits
+    torch.autograd.grad(loss, rec.roots, allow_unused=True)
+    del loss
+    rec.clear()  # layers whose output does not reach the loss: zero gradient
+    if rec.bad:
+        return _fallback(model, x, y, loss_fn, f"the input of {rec.bad} is modified in place")
+    return rec.total
 
-    def make_grad_hook(key):
-        def grad_hook(g):
-            m, a, version = pending.pop(key)
-            if a._version != version:  # the stored input changed in place after the layer ran
-                bad.append(names[m])
-                return None
-            with torch.autocast(dev, enabled=False), torch.no_grad():
-                sq = _layer_sq_norm(m, a, g.detach(), plan, names[m])
-                if isinstance(sq, torch.Tensor):
-                    total.add_(sq.to(acc))
-            return None
-        return grad_hook
 
-    def fwd_hook(module, args, out):
-        calls[module] += 1
-        if calls[module] > 1 or not isinstance(out, torch.Tensor) or not out.requires_grad:
+def _fallback(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, reason: str) -> torch.Tensor:
+    """The exact norms by torch.func, when the book-keeping cannot apply (``reason`` warned)."""
+    warnings.warn(f"per-sample gradient norms: {reason}; using torch.func")
+    return _func_grad_sq_norms(model, x, y, loss_fn)
+
+
+class _Recorder:
+    """One forward pass with hooks on the parameter layers ``mods``: each layer's input is kept
+    and, when its output's gradient arrives in the backward pass, the layer's per-sample squared
+    gradient norm is added to ``total``. ``roots`` are the outputs of the layers that read the
+    input directly (the backward pass starts there); ``bad`` names layers whose kept input was
+    modified in place after they ran."""
+
+    def __init__(self, model: nn.Module, mods: list, plan: "_Plan", n: int, acc: torch.dtype):
+        self.model, self.mods, self.plan, self.acc = model, mods, plan, acc
+        self.names = {m: name for name, m in model.named_modules()}
+        self.total = torch.zeros(n, dtype=acc, device=plan.device)
+        self.calls = {m: 0 for m in mods}
+        self.roots: List[torch.Tensor] = []
+        self.bad: List[str] = []
+        self.pending: dict = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        handles = [m.register_forward_hook(self._fwd_hook) for m in self.mods]
+        try:
+            return self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def why_not(self) -> Optional[str]:
+        """Why the book-keeping cannot give the norms of this forward, or None."""
+        if any(c > 1 for c in self.calls.values()):
+            many = sorted({self.names[m] or type(m).__name__ for m, c in self.calls.items() if c > 1})
+            return f"layers {many} run more than once per forward"
+        if not self.roots:  # every parameter layer's input already depends on a parameter
+            return "no layer reads the input directly"
+        return None
+
+    def clear(self) -> None:
+        self.roots.clear()
+        self.pending.clear()
+
+    def _fwd_hook(self, module, args, out):
+        self.calls[module] += 1
+        if self.calls[module] > 1 or not isinstance(out, torch.Tensor) or not out.requires_grad:
             return
         key = object()
         a = args[0].detach()
-        pending[key] = (module, a, a._version)
+        self.pending[key] = (module, a, a._version)
         # the hook sees the gradient of this value even if `out` is later modified in place
-        out.register_hook(make_grad_hook(key))
+        out.register_hook(lambda g: self._grad_hook(key, g))
         if not args[0].requires_grad:
-            roots.append(out)
+            self.roots.append(out)
 
-    handles = [m.register_forward_hook(fwd_hook) for m in mods]
-    try:
-        logits = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    if any(c > 1 for c in calls.values()):
-        many = sorted({names[m] or type(m).__name__ for m, c in calls.items() if c > 1})
-        warnings.warn(f"per-sample gradient norms: layers {many} run more than once per forward; using torch.func")
-        del logits
-        roots.clear()  # frees the tensors; `del roots` here would leave fwd_hook's closure dangling
-        pending.clear()
-        return _func_grad_sq_norms(model, x, y, loss_fn)
-    if not roots:  # every parameter layer's input already depends on a parameter
-        warnings.warn("per-sample gradient norms: no layer reads the input directly; using torch.func")
-        del logits
-        pending.clear()
-        return _func_grad_sq_norms(model, x, y, loss_fn)
-    loss = loss_fn(logits.float(), y, reduction="sum")
-    del logits
-    torch.autograd.grad(loss, roots, allow_unused=True)
-    del loss
-    roots.clear()
-    pending.clear()  # layers whose output does not reach the loss: zero gradient
-    if bad:
-        warnings.warn(f"per-sample gradient norms: the input of {bad} is modified in place; using torch.func")
-        return _func_grad_sq_norms(model, x, y, loss_fn)
-    return total
+    def _grad_hook(self, key, g):
+        m, a, version = self.pending.pop(key)
+        if a._version != version:  # the stored input changed in place after the layer ran
+            self.bad.append(self.names[m])
+            return None
+        dev = a.device.type
+        with torch.autocast(dev, enabled=False), torch.no_grad():
+            sq = _layer_sq_norm(m, a, g.detach(), self.plan, self.names[m])
+            if isinstance(sq, torch.Tensor):
+                self.total.add_(sq.to(self.acc))
+        return None
 
 
 class no_inplace:
