@@ -20,7 +20,7 @@ Two figures for each path, and the ratios of both:
   are its advantage).
 * steady state: the plain loop's timed pass after its warm-up; for Ray Data, the rows of the
   actor calls that ended after the first call, over the time from the first call's end to the
-  last one's (actor-side clocks; ``engine.distributed.scoring.last_run``), i.e. the pipeline's rate
+  last one's (actor-side clocks; ``bench/telemetry.py``, attached by ``engine.hooks``), i.e. the pipeline's rate
   once an actor is computing: reads, transfers, Ray's per-call costs and the actor's own work,
   without the fixed start-up. With a few calls only (4,096 rows each) it is a rough figure.
 """
@@ -97,10 +97,11 @@ def main() -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args()
 
+    from bench.telemetry import last_run
     from engine.config import ScoreConfig
     from engine.data import load_source
     from engine.distributed.runtime import ray_session
-    from engine.distributed.scoring import last_run, score_on_ray
+    from engine.distributed.scoring import score_on_ray
     from engine.models import build_model
     from engine.train import seed_everything
 
@@ -122,6 +123,7 @@ def main() -> None:
           f"({plain['startup_s']:.1f} s model build, transfer and warm-up) "
           f"({dev}, torch threads {torch.get_num_threads()}, {precision})", flush=True)
     rows = [{"what": "plain loop", "e2e": plain["e2e"], "steady": loop, "startup_s": plain["startup_s"]}]
+    os.environ["WINNOW_HOOKS"] = "bench.telemetry"  # before Ray starts: its actors inherit it
     with ray_session(num_cpus=os.cpu_count(), num_gpus=1 if cuda else 0, dashboard=False):
         for n in [int(x) for x in a.actors.split(",")]:
             cfg = ScoreConfig(**{**base.__dict__, "actors": n, "cpus_per_actor": a.cpus_per_actor,

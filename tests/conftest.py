@@ -39,8 +39,18 @@ def ray_local():
 
     os.environ.pop("RAY_ADDRESS", None)
     tmp = os.environ.get("WINNOW_RAY_TMPDIR") or tempfile.mkdtemp(prefix="wnr-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING",
-             log_to_driver=False)
+    # the fault drills (tests/drills.py) in every worker and actor of this Ray: they inherit the
+    # environment it starts with (the test process itself does not need them)
+    previous = os.environ.get("WINNOW_HOOKS")
+    os.environ["WINNOW_HOOKS"] = "tests.drills"
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, logging_level="WARNING",
+                 log_to_driver=False)
+    finally:
+        if previous is None:
+            os.environ.pop("WINNOW_HOOKS")
+        else:
+            os.environ["WINNOW_HOOKS"] = previous
     yield ray
     ray.shutdown()
 

@@ -7,6 +7,8 @@ runs in well under a second).
   call ``ray_session``, never ``ray.init``;
 * files are data: ``torch.load`` is called only by ``engine.artifacts.load_tensors`` (weights
   only); no ``pickle`` / ``cloudpickle`` load, no ``yaml.load``, no ``allow_pickle=True``;
+* production code carries no fault drill: no ``os._exit`` in ``engine/`` or ``jobs/`` (drills
+  and benchmark telemetry attach through ``engine.hooks``, from ``tests/`` and ``bench/``);
 * jobs are thin: no ``jobs/*.py`` imports another job (only the shared ``jobs._cli``), each is
   at most 120 lines, and no function in ``engine/`` or ``jobs/`` is over 60 lines;
 * ``ruff check .`` is clean (``make lint``; ``make test`` runs it first).
@@ -165,6 +167,13 @@ def jobs_importing_jobs(root: Path = ROOT) -> list[str]:
     return out
 
 
+def hard_exits(root: Path = ROOT) -> list[str]:
+    """``path:line: os._exit(...)`` in engine/ or jobs/."""
+    return [f"{p.relative_to(root).as_posix()}:{n.lineno}: os._exit(...)" for p in _py_files("engine", "jobs", root=root)
+            for n in ast.walk(_tree(p)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+            and n.func.attr == "_exit" and isinstance(n.func.value, ast.Name) and n.func.value.id == "os"]
+
+
 def long_jobs(root: Path = ROOT) -> list[str]:
     return [f"{p.relative_to(root).as_posix()}:1: {n} lines (at most {JOB_LINES})"
             for p in _py_files("jobs", root=root) if (n := len(p.read_text(encoding="utf-8").splitlines())) > JOB_LINES]
@@ -204,6 +213,10 @@ def test_jobs_are_thin():
     _fail_if(long_functions(), f"functions over {FUNCTION_LINES} lines")
 
 
+def test_no_fault_drill_in_production_code():
+    _fail_if(hard_exits(), "hard exits in production code (a drill belongs in tests/drills.py, via engine.hooks)")
+
+
 def test_the_thin_job_checks_catch_planted_violations(tmp_path):
     body = "".join(f"    x{i} = {i}\n" for i in range(60))  # a function of 61 lines with its def
     short = "".join(f"    x{i} = {i}\n" for i in range(59))  # 60 lines: allowed
@@ -214,6 +227,7 @@ def test_the_thin_job_checks_catch_planted_violations(tmp_path):
         "jobs/b.py": "def main():\n    from jobs import c\n    import jobs.c.d\n" + "\n" * JOB_LINES,
         "jobs/c.py": f"def ok():\n{short}",
         "engine/e.py": f"def too_long():\n{body}",
+        "engine/drill.py": "import os\ndef f():\n    os._exit(17)\n",
     }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +236,7 @@ def test_the_thin_job_checks_catch_planted_violations(tmp_path):
                                              "jobs/b.py:3: imports jobs.c.d"]
     assert [o.split(": ")[0] for o in long_jobs(tmp_path)] == ["jobs/b.py:1"]
     assert long_functions(tmp_path) == ["engine/e.py:1: too_long is 61 lines"]
+    assert hard_exits(tmp_path) == ["engine/drill.py:3: os._exit(...)"]
 
 
 def test_the_checks_catch_planted_violations(tmp_path):

@@ -72,7 +72,8 @@ def test_ray_data_scores_equal_direct_calls(ray_local, tmp_path, actors):
 
 @pytest.mark.slow  # fault drill, 13 s on 2 cores (make test-all)
 def test_killed_actor_is_restarted_and_nothing_is_lost(ray_local, tmp_path, capsys):
-    from engine.distributed.scoring import CHAOS_FILE, score_on_ray
+    from engine.distributed.scoring import score_on_ray
+    from tests.drills import KILL_ACTOR as CHAOS_FILE
 
     cfg = ScoreConfig(data="digits", model="small-cnn", actors=1, score_batch_size=64)
     states = init_states(cfg)
@@ -116,11 +117,22 @@ def test_rerun_after_driver_kill_reuses_shards(ray_local, tmp_path):
     np.testing.assert_allclose(table["el2n"], ref["el2n@s0e0"], rtol=1e-4, atol=1e-6)
 
 
-def test_actor_scores_whole_blocks_in_mini_batches_exactly_like_score_batch(ray_local):
+@pytest.fixture
+def telemetry():
+    """bench/telemetry.py's columns on the actor calls made in this process."""
+    from engine import hooks
+
+    hooks.install("bench.telemetry")
+    yield
+    hooks.uninstall_all()
+
+
+def test_actor_scores_whole_blocks_in_mini_batches_exactly_like_score_batch(ray_local, telemetry):
     """A map_batches call gets a whole block (thousands of rows); the actor scores it in
     mini-batches of the score batch size with one device sync per call. Its scores and
     gradient embeddings equal ``score_batch`` / ``grad_embedding`` on the same mini-batches
-    bit for bit, the last (short) mini-batch included, and its bookkeeping is per call."""
+    bit for bit, the last (short) mini-batch included, and the benchmark telemetry's
+    bookkeeping (engine.hooks) is per call."""
     from engine.distributed.scoring import ScoringActor
     from engine.scores.embeddings import grad_embedding
 

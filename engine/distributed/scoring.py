@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -11,6 +10,7 @@ from typing import Dict, List
 import numpy as np
 import ray
 
+from engine import hooks
 from engine.config import ScoreConfig
 from engine.data import load_source
 from engine.errors import DataError
@@ -65,18 +65,14 @@ class ScoringActor:
     The scores equal ``score_batch`` on the same mini-batches (same scorers, same autocast,
     same normalisation arithmetic; tested).
 
-    Bookkeeping rides along as compact numeric columns (it used to be a string column of the
-    actor id per row): ``_actor`` (an int64 key of the actor), ``_busy`` (the call's seconds, on
-    its first row; 0 on the others), ``_end`` (wall-clock time the call ended) and, on the
-    first row of an actor's first call, ``_init0``/``_init1`` (wall-clock times its constructor
-    began and ended; 0 elsewhere), for the rates and the start-up report. ``chaos_file``: if that file exists when a
-    call arrives, the actor deletes it and exits abruptly (a drill for fault tolerance: Ray
-    restarts the actor and retries its block). On CUDA the constructor also runs the plan once
+    ``work_dir`` is the run's work directory (``engine.hooks`` points ``scoring.actor_ready``,
+    ``scoring.call`` and ``scoring.called`` hand the actor to fault drills and benchmark
+    telemetry, which may add ``_``-prefixed columns). On CUDA the constructor also runs the plan once
     on a dummy mini-batch (cuDNN/cuBLAS initialisation and lazy kernel loading), so that cost is
     start-up, paid while the read tasks fill the queue, not the first block's."""
 
     def __init__(self, model_name: str, info, states_ref: list, plan: List[tuple], params: dict, gpus: float,
-                 embed: tuple | None = None, precision: str = "float32", chaos_file: str | None = None,
+                 embed: tuple | None = None, precision: str = "float32", work_dir: str | None = None,
                  threads: int = 0, batch_rows: int = 0, warmup: bool = True):
         init0 = time.time()
         import warnings
@@ -95,9 +91,7 @@ class ScoringActor:
         self.info, self.plan, self.params, self.precision = info, list(plan), params, precision
         self.embed = embed  # (checkpoint key, dim) for gradient embeddings, or None
         self.batch_rows = int(batch_rows)
-        self.chaos_file = chaos_file
-        actor_id = ray.get_runtime_context().get_actor_id()
-        self.actor_key = int(actor_id[:12], 16) if actor_id else os.getpid()
+        self.work_dir = work_dir
         self.pin = self.device.type == "cuda"
         # normalize()'s constants, made once on the device (it builds them per call: a sync each)
         self.mean = torch.tensor(info.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -114,7 +108,7 @@ class ScoringActor:
             n = self.batch_rows or 64
             self._score(np.zeros((n, *info.image_shape), np.uint8), np.zeros(n, np.int64))
             torch.cuda.synchronize(self.device)
-        self.init_times = (init0, time.time())
+        hooks.fire("scoring.actor_ready", actor=self, started=init0)
 
     def _input(self, images: np.ndarray):
         """uint8 [B, H, W, C] -> normalised float32 [B, C, H, W] on the device: the arithmetic
@@ -156,26 +150,11 @@ class ScoringActor:
         return {k: torch.cat(v).cpu().numpy() for k, v in parts.items()}
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        hooks.fire("scoring.call", actor=self, batch=batch)
         t0 = time.perf_counter()
-        if self.chaos_file and os.path.exists(self.chaos_file):
-            try:
-                os.remove(self.chaos_file)
-            except FileNotFoundError:
-                pass  # another actor took it
-            else:
-                os._exit(17)
-        n = len(batch["sample_id"])
         out = {"sample_id": batch["sample_id"], "label": batch["label"], "part": batch["part"]}
         out.update(self._score(batch["image"], batch["label"]))
-        out["_actor"] = np.full(n, self.actor_key, dtype=np.int64)
-        out["_busy"] = np.zeros(n, dtype=np.float32)
-        out["_init0"], out["_init1"] = np.zeros(n), np.zeros(n)
-        out["_end"] = np.full(n, time.time())
-        if n:
-            out["_busy"][0] = time.perf_counter() - t0
-            if self.init_times:
-                out["_init0"][0], out["_init1"][0] = self.init_times
-                self.init_times = None
+        hooks.fire("scoring.called", actor=self, batch=batch, out=out, seconds=time.perf_counter() - t0)
         return out
 
 
@@ -197,10 +176,7 @@ def fingerprint(cfg: ScoreConfig, states: Dict[str, dict], plan, params, embed, 
     return h.hexdigest()
 
 
-META_COLUMNS = ("part", "_actor", "_busy", "_end", "_init0", "_init1")
-CHAOS_FILE = "chaos-kill-actor"  # touch WORK_DIR/chaos-kill-actor: one scoring actor exits (fault drill)
 CALL_BYTES = 1 << 30       # uint8 image bytes per read block (= per actor call) at most
-last_run: dict = {}       # timings of the latest ``score_on_ray`` run (``Progress.stats``; the bench reads them)
 
 
 def score_on_ray(cfg: ScoreConfig, states: Dict[str, dict], plan: List[tuple], params: Dict[str, dict],
@@ -229,7 +205,6 @@ def score_on_ray(cfg: ScoreConfig, states: Dict[str, dict], plan: List[tuple], p
     if done:
         print(f"resuming: reusing {len(done)} finished shard(s), {sum(sizes[p] for p in done)} rows; "
               f"scoring {len(todo)} partition(s), {sum(sizes[p] for p in todo)} rows", flush=True)
-    last_run.clear()
     if todo:
         _score_parts(cfg, source, states, plan, params, embed, target_rows, todo, sizes, store)
     cols = store.read_all()
@@ -270,7 +245,7 @@ def _score_parts(cfg, source, states, plan, params, embed, target_rows, todo, si
         ScoringActor,
         fn_constructor_kwargs=dict(model_name=cfg.model, info=source.info(), states_ref=[ray.put(states)],
                                    plan=plan, params=params, gpus=cfg.gpus_per_actor, embed=embed,
-                                   precision=cfg.precision, chaos_file=str(store.dir.parent / CHAOS_FILE),
+                                   precision=cfg.precision, work_dir=str(store.dir.parent),
                                    threads=0 if cfg.gpus_per_actor else max(1, int(cfg.cpus_per_actor)),
                                    batch_rows=cfg.score_batch_size),
         batch_size=block_rows,    # whole blocks; the actor cuts them into score mini-batches
@@ -284,12 +259,14 @@ def _score_parts(cfg, source, states, plan, params, embed, target_rows, todo, si
     )
     total = sum(sizes[p] for p in todo)
     progress = Progress(total)
+    hooks.fire("scoring.start", rows=total)
     buffers: Dict[int, list] = {}
     counts: Dict[int, int] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         progress.update(batch)
+        hooks.fire("scoring.block", batch=batch)
         part = batch["part"]
-        rows = {k: v for k, v in batch.items() if k not in META_COLUMNS}
+        rows = {k: v for k, v in batch.items() if k != "part" and not k.startswith("_")}
         for p in np.unique(part):
             p = int(p)
             sel = part == p
@@ -303,7 +280,7 @@ def _score_parts(cfg, source, states, plan, params, embed, target_rows, todo, si
                 else:  # a retried batch came back twice: keep one copy and wait for the rest
                     buffers[p], counts[p] = [merged], len(merged["sample_id"])
     progress.close()
-    last_run.update(progress.stats(), blocks=blocks)
+    hooks.fire("scoring.done", stats={"rows": progress.done, "wall_s": time.time() - progress.t0, "blocks": blocks})
     if buffers:
         missing = {p: sizes[p] - counts[p] for p in buffers}
         raise RuntimeError(f"scoring ended with {len(missing)} partition(s) incomplete (missing rows: {missing})")
@@ -322,34 +299,17 @@ def _dedupe(cols: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 
 class Progress:
-    """Rows scored so far (a line every ``every`` seconds) and, at the end: rows/s overall; the
-    steady-state rate, from the end of the first call of any actor to the end of the last call
-    (actor-side clocks; so without the start-up); when the actors' constructors ran; and per
-    actor the rows over the seconds it spent in calls ("while computing")."""
+    """Rows scored so far: a line every ``every`` seconds with the rate and the time left, and
+    one at the end."""
 
     def __init__(self, total: int, every: float = 10.0):
         self.total, self.every = total, every
         self.done = 0
         self.t0 = self.last = time.time()
-        self.ends: List[tuple] = []       # (call end time, rows) per call, as blocks arrive
-        self.rows: Dict[int, int] = {}
-        self.busy: Dict[int, float] = {}
-        self.inits: Dict[int, tuple] = {}
 
     def update(self, batch: Dict[str, np.ndarray]) -> None:
-        actors = batch["_actor"]
         now = time.time()
-        self.done += len(actors)
-        ends, counts = np.unique(batch["_end"], return_counts=True)
-        self.ends.extend(zip(ends.tolist(), counts.tolist()))
-        ids, inv = np.unique(actors, return_inverse=True)
-        busy = np.bincount(inv, weights=batch["_busy"], minlength=len(ids))
-        count = np.bincount(inv, minlength=len(ids))
-        for i, a in enumerate(ids.tolist()):
-            self.rows[a] = self.rows.get(a, 0) + int(count[i])
-            self.busy[a] = self.busy.get(a, 0.0) + float(busy[i])
-        for j in np.flatnonzero(batch["_init1"]):
-            self.inits[int(actors[j])] = (float(batch["_init0"][j]) - self.t0, float(batch["_init1"][j]) - self.t0)
+        self.done += len(batch["sample_id"])
         if now - self.last >= self.every:
             self.last = now
             rate = self.done / max(now - self.t0, 1e-9)
@@ -357,32 +317,9 @@ class Progress:
             print(f"scoring: {self.done}/{self.total} rows ({100 * self.done / max(self.total, 1):.0f}%), "
                   f"{rate:.0f} rows/s, about {eta:.0f} s left", flush=True)
 
-    def stats(self) -> dict:
-        """wall_s; rows; first_block_s (run start to the end of the first call: the start-up);
-        steady_rows_per_s (rows of the calls that ended after the first one, over the time from
-        the first call's end to the last one's; None with a single call); inits ([(constructor
-        start, end)] in seconds from the run start); busy_s (seconds all actors spent in calls)."""
-        wall = max(time.time() - self.t0, 1e-9)
-        out = {"wall_s": wall, "rows": self.done, "inits": sorted(self.inits.values()),
-               "busy_s": sum(self.busy.values()), "first_block_s": None, "steady_rows_per_s": None}
-        if self.ends:
-            ends = sorted(self.ends)
-            first, last = ends[0][0], ends[-1][0]
-            out["first_block_s"] = first - self.t0
-            if last > first:
-                out["steady_rows_per_s"] = sum(r for t, r in ends if t > first) / (last - first)
-        return out
-
     def close(self) -> None:
-        s = self.stats()
-        per = ", ".join(f"{a:012x}"[:8] + f": {self.rows[a]} rows at {self.rows[a] / max(self.busy[a], 1e-9):.0f}/s"
-                        for a in sorted(self.rows))
-        inits = "; ".join(f"{a:.1f}-{b:.1f}s" for a, b in s["inits"]) or "?"
-        steady = f"{s['steady_rows_per_s']:.0f} rows/s" if s["steady_rows_per_s"] else "n/a (one call)"
-        first = f"{s['first_block_s']:.1f}s" if s["first_block_s"] is not None else "never"
-        print(f"scored {self.done} rows in {s['wall_s']:.1f}s: {self.done / s['wall_s']:.0f} rows/s overall, "
-              f"{steady} after the first call (which ended at {first}; actor constructor(s) ran {inits}); "
-              f"{len(self.rows)} actor(s), rows/s while computing: {per}", flush=True)
+        wall = max(time.time() - self.t0, 1e-9)
+        print(f"scored {self.done} rows in {wall:.1f}s ({self.done / wall:.0f} rows/s)", flush=True)
 
 
 def _check_complete(cols: Dict[str, np.ndarray], expected: int) -> Dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from engine import hooks
 from engine.artifacts import load_tensors, save_tensors
 from engine.config import TrainConfig, to_dict
 from engine.data import load_source
@@ -35,7 +36,6 @@ from engine.data.base import StreamedSplit
 from engine.distributed.runtime import require_resources
 from engine.errors import ConfigError, DamagedFileError, RunFailedError, user_error
 
-CHAOS_FILE = "chaos-fail-worker"  # touch RUN/_partial/chaos-fail-worker: rank 0 exits after its next checkpoint
 PARTIAL = "_partial"
 
 # Fields that change what is trained; the evaluation and failure settings do not.
@@ -183,14 +183,7 @@ def _after_pass(run: dict, state: dict, epoch: int, loss: float, work_dir: Path)
     if epoch == passes:  # Result.metrics are those of the last checkpoint: the final ones ride on it
         metrics.update(_final_metrics(run["cfg"], model, test, info, device, state, passes, metrics["test_accuracy"]))
     _report_with_checkpoint(metrics, model, run["opt"], run["sched"], state)
-    chaos = work_dir / CHAOS_FILE
-    if chaos.exists():
-        chaos.unlink(missing_ok=True)
-        # wait until the controller has registered this pass's checkpoint (reports are
-        # processed asynchronously), so the drill tests resuming rather than a lost report
-        ray.train.get_all_reported_checkpoints(timeout_s=60)
-        print("train: chaos drill, rank 0 exits", flush=True)
-        os._exit(17)
+    hooks.fire("train.checkpointed", work_dir=str(work_dir), epoch=epoch)
 
 
 def _array_augment(source, train, transform: str, seed: int, epoch: int):
