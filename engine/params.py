@@ -45,6 +45,38 @@ class Rule:
         return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
 
 
+@dataclass(frozen=True)
+class Param:
+    """A method's keyword parameter as its registry entry describes it: the default (whose
+    type is its type), what it does and its range or choices."""
+
+    name: str
+    default: Any
+    help: str
+    rule: Optional["Rule"] = None
+    column: bool = False   # a selector parameter naming a score column ("" for none): the stage passes its values
+
+
+def describe(owner: str, fn: Callable, given: Optional[Dict[str, tuple]], skip: Iterable[str] = ()) -> Tuple[Param, ...]:
+    """``fn``'s keyword-only parameters (minus ``skip``) as ``Param``s, each described by
+    ``given[name] = (help, rule or None[, column])``; a parameter without a description, or a
+    description without a parameter, is a programming error (TypeError)."""
+    given = dict(given or {})
+    defaults = declared(fn, skip=skip)
+    if set(given) != set(defaults):
+        raise TypeError(f"{owner}: describe exactly its keyword parameters {sorted(defaults)}, got {sorted(given)}")
+    out = tuple(Param(n, defaults[n], *given[n]) for n in sorted(given))
+    for p in out:
+        if p.column and p.default != "":
+            raise TypeError(f"{owner}: column parameter {p.name} must default to '' (no column)")
+    return out
+
+
+def summary(fn: Callable) -> str:
+    """The first paragraph of ``fn``'s docstring on one line."""
+    return " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
+
+
 def positive() -> Rule:
     return Rule(lo=0, lo_open=True)
 
@@ -102,13 +134,13 @@ def parse_method_params(text: str) -> dict:
         score, dot, name = key.partition(".")
         if not sep or not dot or not score or not name:
             raise argparse.ArgumentTypeError(f"expected SCORE.PARAM=VALUE, got {item!r}")
-        out.setdefault(score, {})[name] = _param_value(value.strip())
+        out.setdefault(score, {})[name] = parse_value(value.strip())
     return out
 
 
-def _param_value(text: str):
+def parse_value(text: str):
     """'20' -> 20, '0.1' -> 0.1, 'true'/'false' -> bool, anything else stays a string (the
-    scorer's declared type decides whether it is welcome: engine.scores.check_params)."""
+    method's declared type decides whether it is welcome: ``check_kwargs``)."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     for cast in (int, float):
@@ -117,4 +149,5 @@ def _param_value(text: str):
     return text
 
 
-__all__ = ["Rule", "at_least", "check_kwargs", "check_value", "declared", "parse_method_params", "positive"]
+__all__ = ["Param", "Rule", "at_least", "check_kwargs", "check_value", "declared", "describe", "parse_method_params",
+           "parse_value", "positive", "summary"]

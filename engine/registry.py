@@ -52,6 +52,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def entries(self) -> list[T]:
+        """The registered objects, in name order."""
+        return [self._items[n] for n in sorted(self._items)]
+
 
 def import_submodules(package: str, path: Iterable[str], skip: Iterable[str] = ()) -> None:
     """Import every module of ``package`` (give its ``__name__`` and ``__path__``), in name

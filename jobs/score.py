@@ -13,7 +13,7 @@ from typing import Sequence
 
 from engine.config import ScoreConfig
 from engine.params import parse_method_params
-from engine.scores import check_params, parse_score_names
+from engine.scores import HISTORY_SCORERS, SCORERS, check_params, parse_score_names
 from jobs._cli import (
     Parser,
     add_data_flags,
@@ -35,7 +35,8 @@ def build_parser() -> Parser:
                    "parquet:PATH, imagefolder:PATH, synthetic:N[,HxW[,C]] (default %(default)s)")
     p.add_argument("--model", default=d.model, help="proxy model: small-cnn, resnet18-cifar, torchvision:NAME")
     p.add_argument("--scores", default=",".join(d.scores),
-                   help="comma-separated score names, e.g. el2n,loss,forgetting (default %(default)s)")
+                   help="comma-separated score names (default %(default)s): "
+                        + ", ".join(sorted([*SCORERS.names(), *HISTORY_SCORERS.names()])))
     p.add_argument("--seeds", type=int, default=d.seeds, help="number of proxies (seeds 0..S-1); scores are averaged")
     p.add_argument("--epochs", type=int, default=d.epochs, help="proxy training epochs (default %(default)s)")
     p.add_argument("--score-epochs", type=int_list, default=None,
@@ -50,8 +51,9 @@ def build_parser() -> Parser:
     p.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPUs per scoring actor and proxy")
     p.add_argument("--score-batch-size", type=int, default=d.score_batch_size, help="rows per scoring batch")
     p.add_argument("--score-params", type=parse_method_params, default={},
-                   help="scorer parameters, e.g. 'nc.iters=20,nc.hvp=exact,curvature.eps=0.1' "
-                        "(curvature.eps defaults to 8/255 in pixel units, divided by the data's std)")
+                   help="scorer parameters SCORE.PARAM=VALUE, comma-separated, e.g. 'nc.iters=20,curvature.eps=0.1'. "
+                        + "; ".join(f"{e.name}.{q.name}: {q.help} (default {q.default!r})"
+                                    for e in SCORERS.entries() for q in e.params))
     p.add_argument("--embeddings", type=int, default=0, metavar="DIM",
                    help="also write embeddings.parquet: last-layer gradient embeddings (<= DIM dims) of seed 0's "
                         "final proxy, for the craig and gradmatch selectors (e.g. 512)")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from engine.config import SelectConfig
+from engine.params import parse_value
 from engine.select import SELECTORS
 from jobs._cli import Parser, entry
 
@@ -21,37 +22,40 @@ def build_parser() -> Parser:
     p.add_argument("--scores", required=True, help="scores.parquet written by jobs.score")
     p.add_argument("--selector", required=True, help=f"selector name: {', '.join(SELECTORS.names())}")
     p.add_argument("--fraction", required=True, type=float, help="fraction of the samples to keep, in (0, 1]")
-    p.add_argument("--column", default=None, help="score column that ranks samples (topk, lowest)")
-    p.add_argument("--offset", type=float, default=None,
-                   help="topk only: skip this fraction of each class's highest scores first (Data Diet)")
+    p.add_argument("--column", default=None,
+                   help="score column that ranks samples (default: the selector's: "
+                        + ", ".join(f"{e.name} {e.column}" for e in SELECTORS.entries() if e.column)
+                        + ")")
     p.add_argument("--seed", type=int, default=0, help="seed for random choices and tie-breaks")
     p.add_argument("--global", dest="global_", action="store_true",
                    help="rank across all classes instead of per class (class balance not kept)")
-    g = p.add_argument_group("GEDA")
-    g.add_argument("--solver", default="exact", help="geda solver: exact (default), highs, pulp, pulp-cbc")
-    g.add_argument("--nodes", type=int, default=5, help="geda: nodes N of the trapezoid rule (default 5)")
-    g.add_argument("--time-limit", type=float, default=60.0, help="geda highs/pulp: seconds per class")
-    g = p.add_argument_group("CRAIG / GRAD-MATCH")
-    g.add_argument("--embeddings", default=None,
-                   help="embeddings.parquet from jobs.score --embeddings (default: beside --scores)")
-    g.add_argument("--lam", type=float, default=None, help="gradmatch: ridge regulariser (default 0.5)")
-    g.add_argument("--tol", type=float, default=None,
-                   help="gradmatch: stop OMP at this relative residual and fill at random (default 1e-4)")
-    g = p.add_argument_group("random_quantile")
-    g.add_argument("--quantiles", type=int, default=None, help="number of score quantiles (default 4)")
+    p.add_argument("--embeddings", default=None,
+                   help="embeddings.parquet from jobs.score --embeddings, for the selectors that read gradient "
+                        "embeddings (default: beside --scores)")
+    add_param_flags(p)
     p.add_argument("--out", required=True, help="manifest.parquet to write")
     return p
 
 
+def add_param_flags(p: Parser) -> None:
+    """A flag per selector parameter (``--time-limit`` for ``time_limit``), its help from the
+    registry entries of the selectors that take it."""
+    uses: dict = {}
+    for e in SELECTORS.entries():
+        for prm in e.params:
+            uses.setdefault(prm.name, []).append((e.name, prm))
+    g = p.add_argument_group("selector parameters (each selector takes only its own)")
+    for name, owners in sorted(uses.items()):
+        g.add_argument("--" + name.replace("_", "-"), dest=f"param_{name}", type=parse_value, default=None,
+                       metavar=name.upper(),
+                       help="; ".join(f"{sel}: {prm.help} (default {prm.default})" for sel, prm in owners))
+
+
 def config_from(argv: Sequence[str]) -> SelectConfig:
     a = build_parser().parse_args(argv)
-    geda = a.selector == "geda"
-    params = {"solver": a.solver if geda else None, "nodes": a.nodes if geda else None,
-              "time_limit": a.time_limit if geda else None, "lam": a.lam, "tol": a.tol, "quantiles": a.quantiles,
-              "offset": a.offset}
+    params = {k[len("param_"):]: v for k, v in vars(a).items() if k.startswith("param_") and v is not None}
     cfg = SelectConfig(scores=a.scores, selector=a.selector, fraction=a.fraction, out=a.out, column=a.column,
-                       seed=a.seed, global_rank=a.global_, embeddings=a.embeddings,
-                       params={k: v for k, v in params.items() if v is not None})  # None: the selector's default
+                       seed=a.seed, global_rank=a.global_, embeddings=a.embeddings, params=params)
     cfg.validate()
     return cfg
 

@@ -85,3 +85,31 @@ def test_parse_score_names_errors():
         parse_score_names("el2n,nope")
     with pytest.raises(ConfigError, match="duplicate"):
         parse_score_names("el2n,el2n")
+
+
+@pytest.mark.parametrize("name", SCORERS.names())
+def test_each_entry_describes_its_scorer(name):
+    """Every keyword parameter (the scorer's own, or geometry's for the scorers that forward
+    to it) is described with a help text and a rule that admits its default; the default
+    parameters pass the checks the jobs run."""
+    from engine.scores import check_params
+
+    e = SCORERS[name]
+    assert e.summary and isinstance(e.bf16, bool)
+    assert e.fixed_epochs is None or all(isinstance(x, int) and x >= 0 for x in e.fixed_epochs)
+    for p in e.params:
+        assert p.help and (p.rule is None or p.rule.admits(p.default)), p
+    assert check_params({name: {p.name: p.default for p in e.params}}) == {name: {p.name: p.default for p in e.params}}
+
+
+def test_readme_score_table_matches_the_registries():
+    """The README's score table names exactly the registered scores (model and history)."""
+    import re
+
+    from tests.conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Scores (`--scores`)", 1)[1].split("\n### ", 1)[0]
+    first_cells = [m.group(1) for m in re.finditer(r"^\| ([^|]+) \|", section, re.M)]
+    named = {n for cell in first_cells for n in re.findall(r"`(\w+)`", cell)}
+    assert named == set(SCORERS.names()) | set(HISTORY_SCORERS.names())

@@ -10,8 +10,9 @@ from engine.errors import ConfigError, DataError
 from engine.select import SELECTORS, class_quotas
 from engine.select.quota import total_quota
 
-EMBEDDING_SELECTORS = {"craig", "gradmatch"}
-WEIGHTED = {"craig", "gradmatch"}
+# what each selector reads and whether it weights samples: its registry entry says
+EMBEDDING_SELECTORS = {e.name for e in SELECTORS.entries() if e.reads == "embeddings"}
+WEIGHTED = {e.name for e in SELECTORS.entries() if e.weights}
 
 
 def table(n_per_class=(50, 30, 17), seed=0):
@@ -130,3 +131,40 @@ def test_nan_scores_and_offset_errors():
 def test_unknown_selector_lists_known():
     with pytest.raises(ConfigError, match="known: .*random"):
         SELECTORS["nope"]
+
+
+@pytest.mark.parametrize("name", SELECTORS.names())
+def test_each_entry_describes_its_selector(name):
+    """Every keyword parameter is described with its default, a help text and (numbers and
+    choices) a rule that admits the default; the entry's column is the one the selector reads."""
+    import inspect
+
+    from engine.select import READS, check_selector_params
+
+    e = SELECTORS[name]
+    assert e.reads in READS and e.summary and e.summary[0].isupper()
+    sig = {n: p.default for n, p in inspect.signature(e.fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    assert {p.name for p in e.params} == set(sig) - {"seed", "mapper"}
+    for prm in e.params:
+        assert prm.default == sig[prm.name] and prm.help
+        assert prm.rule is None or prm.rule.admits(prm.default)
+    assert check_selector_params(name, {p.name: p.default for p in e.params}) is not None
+    assert (e.column is None) == (e.reads != "embeddings" and name != "geda")
+    if e.reads == "embeddings":
+        assert e.column == "grad_embedding"
+
+
+def test_readme_selector_table_matches_the_registry():
+    """The README's selector table lists exactly the registered selectors, and names each
+    selector's own parameters as flags."""
+    import re
+
+    from tests.conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Selectors (`--selector`)", 1)[1].split("\n### ", 1)[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| (.*)$", section, re.M)}
+    assert set(rows) == set(SELECTORS.names())
+    for e in SELECTORS.entries():
+        for prm in e.params:
+            assert re.search(rf"`--{prm.name.replace('_', '-')}[` ]", rows[e.name]), (e.name, prm.name)

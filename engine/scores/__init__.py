@@ -6,21 +6,54 @@ Two kinds, two registries:
   freshly initialised) model and a batch; ``x`` is the normalised float batch [B, C, H, W],
   ``y`` int64 [B]. The model is put in eval mode for the call and its mode restored after, so
   no state is left changed; samples are scored independently (BatchNorm uses running stats).
+  Registered with ``@scorer(name, bf16=..., fixed_epochs=..., params=...)``: the entry
+  (a ``ScorerEntry``, callable like the function) says its parameters (default, help, range),
+  whether it may run under bf16 autocast and the proxy epochs it is always taken at.
 * ``HISTORY_SCORERS[name](correct) -> float32 [N]``: numpy functions of the proxy-training
   history ``correct`` (bool [E, N], whether sample n was classified correctly when it was
   presented in epoch e).
 """
 from __future__ import annotations
 
-import inspect
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from engine.errors import ConfigError
-from engine.params import Rule, at_least, check_kwargs, declared, positive
+from engine.params import Param, check_kwargs, describe, summary
 from engine.registry import Registry, import_submodules
 
 SCORERS: Registry = Registry("scorer")
 HISTORY_SCORERS: Registry = Registry("history scorer")
+
+
+@dataclass(frozen=True)
+class ScorerEntry:
+    """What the registry knows of a model scorer; calling it calls the scorer."""
+
+    name: str
+    fn: Callable
+    bf16: bool                                # may run under bf16 autocast (--precision bf16)
+    fixed_epochs: Optional[Tuple[int, ...]]   # proxy epochs it is always taken at (None: --score-epochs)
+    params: Tuple[Param, ...]                 # its keyword parameters (--score-params NAME.PARAM=VALUE)
+    summary: str
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def scorer(name: str, *, bf16: bool = False, fixed_epochs: Optional[Tuple[int, ...]] = None,
+           params: Optional[Dict[str, tuple]] = None, params_of: Optional[Callable] = None) -> Callable:
+    """Decorator: register ``fn`` as model scorer ``name``. ``params``: ``{name: (help, rule)}``
+    for each keyword-only parameter of ``fn`` (or of ``params_of``, the function ``fn`` forwards
+    its keyword arguments to). ``bf16``: only for a score that survives bf16 autocast
+    (tolerances in tests/test_scorers_exact.py)."""
+
+    def deco(fn: Callable) -> Callable:
+        described = describe(f"scorer {name!r}", params_of or fn, params)
+        SCORERS.register(name)(ScorerEntry(name, fn, bf16, fixed_epochs, described, summary(fn)))
+        return fn
+
+    return deco
 
 # each module registers its scorers on import (history, model_scores, any new file)
 import_submodules(__name__, __path__)
@@ -44,7 +77,7 @@ def parse_score_names(text: str | Sequence[str]) -> list[str]:
 def score_epochs_for(name: str, default_epochs: Sequence[int]) -> tuple:
     """Proxy epochs at which model score ``name`` is taken: its own fixed epochs (e.g.
     ``gradnorm_init`` at 0) or the job's ``--score-epochs``."""
-    return tuple(getattr(SCORERS[name], "fixed_epochs", None) or default_epochs)
+    return tuple(SCORERS[name].fixed_epochs or default_epochs)
 
 
 def data_defaults(name: str, mean_std: Sequence[float]) -> dict:
@@ -55,16 +88,10 @@ def data_defaults(name: str, mean_std: Sequence[float]) -> dict:
     return {}
 
 
-# ranges and choices of the scorers' parameters (their types are their defaults' types)
-PARAM_RULES = {"eps": positive(), "draws": at_least(1), "seed": at_least(0), "iters": at_least(1),
-               "fd_step": positive(), "hvp": Rule(choices=("fd", "exact")),
-               "direction": Rule(choices=("sign", "rademacher"))}
-
-
 def check_params(params: dict) -> dict:
     """{score: {param: value}} -> the same with each value checked against the scorer's
     declared parameter: its name, its type (an integer where the default is one, a finite
-    number for a float, true/false for a flag) and its range (``PARAM_RULES``)."""
+    number for a float, true/false for a flag) and its range (the scorer's entry)."""
     if not isinstance(params, dict):
         raise ConfigError(f"score_params must be a mapping score -> {{param: value}}, got {params!r}")
     out = {}
@@ -73,12 +100,9 @@ def check_params(params: dict) -> dict:
             raise ConfigError(f"--score-params: {name!r} is not a model score; known: {', '.join(SCORERS.names())}")
         if not isinstance(kw, dict):
             raise ConfigError(f"--score-params: {name} takes a mapping param -> value, got {kw!r}")
-        fn = SCORERS[name]
-        if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
-            from engine.scores.model_scores import geometry  # nc & co. forward to geometry()
-
-            fn = geometry
-        out[name] = check_kwargs(f"--score-params: score {name!r}", f"--score-params {name}.", kw, declared(fn), PARAM_RULES)
+        every = SCORERS[name].params
+        out[name] = check_kwargs(f"--score-params: score {name!r}", f"--score-params {name}.", kw,
+                                 {p.name: p.default for p in every}, {p.name: p.rule for p in every if p.rule})
     return out
 
 
@@ -93,10 +117,10 @@ def check_precision(precision: str) -> str:
 
 def runs_in_bf16(name: str, precision: str) -> bool:
     """Whether score ``name`` runs under bf16 autocast at ``precision``: only the scorers marked
-    ``bf16_ok`` (forward-pass and gradient-norm scores). Curvature and the normalized-curvature
+    ``bf16`` in their entries (forward-pass and gradient-norm scores). Curvature and the normalized-curvature
     family take differences of nearby gradients, which bf16's 8-bit mantissa would swamp, so
     they always run in float32."""
-    return precision == "bf16" and getattr(SCORERS[name], "bf16_ok", False)
+    return precision == "bf16" and SCORERS[name].bf16
 
 
 def score_plan(models: dict, x, y, plan: Sequence[tuple], params: dict | None = None,

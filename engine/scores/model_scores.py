@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.scores import SCORERS
+from engine.params import Rule, at_least, positive
+from engine.scores import scorer
 
 
 @contextlib.contextmanager
@@ -24,7 +25,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
-@SCORERS.register("el2n")
+@scorer("el2n", bf16=True)
 def el2n(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """EL2N (Paul et al. 2021): ``||softmax(f(x)) - onehot(y)||_2`` per sample, float32 [B]."""
     with eval_mode(model), torch.no_grad():
@@ -33,7 +34,7 @@ def el2n(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(p - onehot, dim=1).float()
 
 
-@SCORERS.register("loss")
+@scorer("loss", bf16=True)
 def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy of the model's prediction, float32 [B] (nats)."""
     with eval_mode(model), torch.no_grad():
@@ -46,7 +47,7 @@ def _per_sample_ce_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
     return F.cross_entropy(model(x).float(), y, reduction="sum")
 
 
-@SCORERS.register("grand")
+@scorer("grand", bf16=True)
 def grand(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """GraNd (Paul et al. 2021): exact ``||∇_θ CE(f(x), y)||_2`` over all trainable parameters,
     per sample, float32 [B]. BatchNorm uses running statistics (eval mode), so each sample's
@@ -58,17 +59,12 @@ def grand(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return per_sample_grad_sq_norms(model, x, y).sqrt().float()
 
 
-@SCORERS.register("gradnorm_init")
+@scorer("gradnorm_init", bf16=True, fixed_epochs=(0,))
 def gradnorm_init(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """GraNd at initialisation, the input of GEDA (the thesis's G_{D_T}): the same number as
     ``grand``; ``jobs.score`` always takes it on the epoch-0 (untrained) proxies."""
     return grand(model, x, y)
 
-
-gradnorm_init.fixed_epochs = (0,)
-# may run under bf16 autocast (jobs.score --precision bf16; tolerances in tests/test_scorers_exact.py)
-for _fn in (el2n, loss, grand, gradnorm_init):
-    _fn.bf16_ok = True
 
 
 def probs_and_features(model: nn.Module, x: torch.Tensor, who: str):
@@ -87,7 +83,7 @@ def probs_and_features(model: nn.Module, x: torch.Tensor, who: str):
     return p, feats["h"].float().flatten(1), last[-1].bias is not None
 
 
-@SCORERS.register("grand_last")
+@scorer("grand_last", bf16=True)
 def grand_last(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The common last-layer approximation of GraNd: the gradient norm over the final Linear
     layer's weight and bias only, ``||p - onehot(y)||_2 · sqrt(||h||² + 1)`` with h the
@@ -98,10 +94,8 @@ def grand_last(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return (err * h2).sqrt()
 
 
-grand_last.bf16_ok = True
 
-
-@SCORERS.register("input_norm")
+@scorer("input_norm")
 def input_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``||x||_2`` of the (normalised) model input: the sanity baseline that GraNd at
     initialisation is known to correlate with."""
@@ -141,7 +135,14 @@ def _input_grad(model: nn.Module, x: torch.Tensor, fn, create_graph: bool = Fals
     return g
 
 
-@SCORERS.register("curvature")
+@scorer("curvature", params={
+    "eps": ("per-coordinate step in the model's input units (jobs.score: 8/255 in pixel units, divided by the data's std)",
+            positive()),
+    "direction": ("sign (the paper's) or rademacher (random ±1 directions, averaged)",
+                  Rule(choices=("sign", "rademacher"))),
+    "draws": ("rademacher directions averaged", at_least(1)),
+    "seed": ("seed of the rademacher directions", at_least(0)),
+    "tf32": ("TensorFloat-32 convolutions and matmuls on CUDA", None)})
 def curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255,
               direction: str = "sign", draws: int = 1, seed: int = 0, tf32: bool = True) -> torch.Tensor:
     """SLo-Curves input-loss curvature (Garg & Roy, CVPR 2023), float32 [B]:
@@ -227,6 +228,16 @@ def geometry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iters: int =
             "nc": (hv_norm.detach() / (grad_norm + eps)).float()}
 
 
+# the parameters of geometry(), which nc, grad_norm and hessian_norm forward theirs to
+GEOMETRY_PARAMS = {"iters": ("power iterations for the Hessian's spectral norm", at_least(1)),
+                   "hvp": ("Hessian-vector products by forward differences (fd) or double backward (exact)",
+                           Rule(choices=("fd", "exact"))),
+                   "fd_step": ("forward-difference step in input units", positive()),
+                   "eps": ("added to the gradient norm in the ratio", positive()),
+                   "seed": ("seed of the power iteration's start", at_least(0)),
+                   "tf32": ("TensorFloat-32 on CUDA", None)}
+
+
 def _start_direction(g: torch.Tensor, seed: int) -> torch.Tensor:
     """Power-iteration start per sample: its gradient direction plus a small fixed random
     pattern (the same for every sample, drawn from ``seed``), so the result of a finite
@@ -242,19 +253,19 @@ def _norm(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t.flatten(1), dim=1).view(-1, *[1] * (t.dim() - 1))
 
 
-@SCORERS.register("nc")
+@scorer("nc", params=GEOMETRY_PARAMS, params_of=geometry)
 def nc(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **params) -> torch.Tensor:
     """LCNN normalized curvature ``||∇²f||_2 / (||∇f||_2 + eps)``; parameters of ``geometry``."""
     return geometry(model, x, y, **params)["nc"]
 
 
-@SCORERS.register("grad_norm")
+@scorer("grad_norm", params=GEOMETRY_PARAMS, params_of=geometry)
 def grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **params) -> torch.Tensor:
     """``||∇_x f(x)||_2`` for f the labelled class's logit (one input-gradient pass)."""
     return geometry(model, x, y, **{**params, "iters": 0})["grad_norm"]
 
 
-@SCORERS.register("hessian_norm")
+@scorer("hessian_norm", params=GEOMETRY_PARAMS, params_of=geometry)
 def hessian_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **params) -> torch.Tensor:
     """``||∇²_x f(x)||_2`` by power iteration; parameters of ``geometry``."""
     return geometry(model, x, y, **params)["hessian_norm"]

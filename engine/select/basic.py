@@ -6,7 +6,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from engine.errors import ConfigError, DataError
-from engine.select import SELECTORS, Selection
+from engine.params import Rule, at_least
+from engine.select import Selection, selector
 from engine.select.quota import check_fraction, class_quotas
 
 # fn(class_scores or None, n_c, k_c, rng) -> k_c positions within the class
@@ -83,14 +84,15 @@ def ranked(scores: np.ndarray, descending: bool) -> np.ndarray:
     return np.argsort(key, kind="stable")
 
 
-@SELECTORS.register("random")
+@selector("random", reads="nothing")
 def random(scores, labels, fraction, *, seed: int = 0, **params) -> Selection:
     """Stratified uniform sampling without replacement; ignores scores."""
     _no_params("random", params)
     return per_class(None, labels, fraction, seed, lambda s, n, k, rng: rng.choice(n, k, replace=False))
 
 
-@SELECTORS.register("topk")
+@selector("topk", params={"offset": ("skip this fraction of each class's highest scores first (Data Diet's "
+                                                "offset: the noisiest samples)", Rule(lo=0, hi=1, hi_open=True))})
 def topk(scores, labels, fraction, *, seed: int = 0, offset: float = 0.0, **params) -> Selection:
     """Data Diet pruning: per class, rank by score descending, skip the top ``offset``
     fraction (the noisiest, most often mislabelled samples) and keep the next k_c."""
@@ -107,7 +109,7 @@ def topk(scores, labels, fraction, *, seed: int = 0, offset: float = 0.0, **para
     return sel
 
 
-@SELECTORS.register("lowest")
+@selector("lowest")
 def lowest(scores, labels, fraction, *, seed: int = 0, **params) -> Selection:
     """SLo-Curves: per class keep the k_c samples with the lowest score (e.g. curvature)."""
     _no_params("lowest", params)
@@ -129,7 +131,7 @@ def _no_params(name: str, params: dict) -> None:
         raise ConfigError(f"selector {name!r} takes no parameter(s) {sorted(params)}")
 
 
-@SELECTORS.register("evenly_spaced")
+@selector("evenly_spaced")
 def evenly_spaced(scores, labels, fraction, *, seed: int = 0, **params) -> Selection:
     """GEDA thesis §5.3 baseline: per class, every j-th sample of the ranking by score (the
     centres of k_c equal slices of the sorted class), ties in input order."""
@@ -140,7 +142,7 @@ def evenly_spaced(scores, labels, fraction, *, seed: int = 0, **params) -> Selec
     return per_class(scores, labels, fraction, seed, lambda s, n, k, rng: ranked(s, False)[spread(n, k)])
 
 
-@SELECTORS.register("random_quantile")
+@selector("random_quantile", params={"quantiles": ("number of score quantiles drawn from", at_least(1))})
 def random_quantile(scores, labels, fraction, *, seed: int = 0, quantiles: int = 4, **params) -> Selection:
     """GEDA thesis §5.3 baseline: per class, split the ranking by score into ``quantiles``
     equal groups (quartiles by default) and draw uniformly within each, the class's quota

@@ -10,7 +10,8 @@ import heapq
 import numpy as np
 
 from engine.errors import ConfigError
-from engine.select import SELECTORS, Selection
+from engine.params import Rule, at_least
+from engine.select import Selection, selector
 from engine.select.basic import check_scores, per_class
 
 
@@ -66,7 +67,7 @@ def craig_class(g: np.ndarray, k: int):
     return picks, {"objective": objective}, weight
 
 
-@SELECTORS.register("craig")
+@selector("craig", reads="embeddings", column="grad_embedding", weights=True)
 def craig(scores, labels, fraction, *, seed: int = 0, mapper=map, **params) -> Selection:
     """CRAIG (Mirzasoleiman, Bilmes & Leskovec, ICML 2020): per class, the k_c medoids of the
     gradient embeddings (``scores`` is [N, d]) chosen by lazy greedy facility location; each
@@ -236,7 +237,10 @@ def gradmatch_class(g: np.ndarray, k: int, lam: float, rng: np.random.Generator,
     return picks, info, weights
 
 
-@SELECTORS.register("gradmatch")
+@selector("gradmatch", reads="embeddings", column="grad_embedding", weights=True,
+          params={"lam": ("ridge regulariser of the weights", at_least(0)),
+                  "tol": ("stop OMP at this relative residual and fill the rest at random",
+                          Rule(lo=0, hi=1, hi_open=True))})
 def gradmatch(scores, labels, fraction, *, seed: int = 0, lam: float = 0.5, tol: float = 1e-4, mapper=map,
               **params) -> Selection:
     """GRAD-MATCH (Killamsetty et al., ICML 2021), per class: OMP picks samples whose weighted

@@ -4,14 +4,26 @@ from __future__ import annotations
 from typing import Callable
 
 from engine.errors import ConfigError
-from engine.select import SELECTORS, Selection
+from engine.params import Rule, at_least, positive
+from engine.registry import Registry
+from engine.select import Selection, selector
 from engine.select import geda as G
 from engine.select.basic import check_scores, per_class
 
-SOLVERS = ("exact", "highs", "pulp", "pulp-cbc")
+# solver name -> solve(problem, time_limit, rng) -> G.Solution
+GEDA_SOLVERS: Registry = Registry("GEDA solver")
+GEDA_SOLVERS.register("exact")(lambda problem, time_limit, rng: G.solve_exact(problem, seed=int(rng.integers(2**31))))
+GEDA_SOLVERS.register("highs")(lambda problem, time_limit, rng: G.solve_highs(problem, time_limit))
+GEDA_SOLVERS.register("pulp")(lambda problem, time_limit, rng: G.solve_pulp(problem, "highs", time_limit))
+GEDA_SOLVERS.register("pulp-cbc")(lambda problem, time_limit, rng: G.solve_pulp(problem, "cbc", time_limit))
+SOLVERS = tuple(GEDA_SOLVERS.names())
 
 
-@SELECTORS.register("geda")
+@selector("geda", column="gradnorm_init",
+          params={"nodes": ("nodes N of the trapezoid rule over the ECDFs", at_least(2)),
+                  "solver": ("exact (the closed form), highs (the MILP with HiGHS), pulp or pulp-cbc (the MILP "
+                             "through PuLP)", Rule(choices=SOLVERS)),
+                  "time_limit": ("seconds per class for the MILP solvers", positive())})
 def geda(scores, labels, fraction, *, seed: int = 0, nodes: int = 5, solver: str = "exact",
          time_limit: float = 60.0, mapper: Callable = map, **params) -> Selection:
     """GEDA: per class, the subset whose ECDF of ``scores`` (default column gradnorm_init) best
@@ -51,12 +63,7 @@ class _Pick:
 
     def __call__(self, s, n, k, rng):
         problem = G.build(s, k, self.nodes)
-        if self.solver == "exact":
-            sol = G.solve_exact(problem, seed=int(rng.integers(2**31)))
-        elif self.solver == "highs":
-            sol = G.solve_highs(problem, self.time_limit)
-        else:
-            sol = G.solve_pulp(problem, "cbc" if self.solver == "pulp-cbc" else "highs", self.time_limit)
+        sol = GEDA_SOLVERS[self.solver](problem, self.time_limit, rng)
         info = {"objective": sol.objective, "status": sol.status, "seconds": round(sol.seconds, 4),
                 "n": int(n), "k": int(k)}
         if self.solver != "exact":

@@ -11,6 +11,6 @@ writes its artifacts; the job around it parses flags into the config and prints 
   (selector, fraction, seed), the Tune grid of retraining runs, the results and the report.
 - ``pipeline_stage(PipelineConfig)`` (``pipeline.py``): the main job, the three stages composed.
 """
-from engine.stages.select import DEFAULT_COLUMN, EMBEDDING_SELECTORS, SelectResult, select_stage
+from engine.stages.select import SelectResult, select_stage
 
-__all__ = ["DEFAULT_COLUMN", "EMBEDDING_SELECTORS", "SelectResult", "select_stage"]
+__all__ = ["SelectResult", "select_stage"]

@@ -20,7 +20,6 @@ from engine.errors import ConfigError
 from engine.rundir import output_dir
 
 DEFAULT_SELECTORS = "random,topk:el2n,topk:forgetting"
-SCORELESS = ("random",)  # selectors that read no score column
 PARTS = ("score", "select", "train")  # what a rerun reuses and --fresh discards
 
 
@@ -55,11 +54,11 @@ class PipelineConfig:
         return parse_selectors(self.selectors)
 
     def score_config(self) -> ScoreConfig:
-        from engine.stages.select import EMBEDDING_SELECTORS
+        from engine.select import SELECTORS
 
         sel = self.selections()
-        columns = sorted({c for n, c in sel if c and n not in EMBEDDING_SELECTORS})
-        embed = 512 if any(n in EMBEDDING_SELECTORS for n, _ in sel) else 0
+        columns = sorted({c for n, c in sel if c and SELECTORS[n].reads == "score"})
+        embed = 512 if any(SELECTORS[n].reads == "embeddings" for n, _ in sel) else 0
         return ScoreConfig(data=self.data, model=self.model, scores=tuple(columns or ["el2n"]), seeds=self.seeds,
                            epochs=self.proxy_epochs, gpus_per_actor=float(self.gpus), embedding_dim=embed,
                            out=str(Path(self.out) / "score"))
@@ -71,17 +70,16 @@ class PipelineConfig:
 
 def parse_selectors(text: str) -> List[Tuple[str, Optional[str]]]:
     """``"random,topk:el2n,geda"`` -> [(name, column)], each column the one given or the
-    selector's default (engine.stages.DEFAULT_COLUMN), so that scoring computes every column a
+    selector's default (its registry entry's), so that scoring computes every column a
     selection will read: a selector without one fails here, not after scoring."""
     from engine.select import SELECTORS
-    from engine.stages.select import DEFAULT_COLUMN
 
     out = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
         name, _, column = item.partition(":")
-        SELECTORS[name]  # unknown name -> ConfigError listing the known ones
-        column = column or DEFAULT_COLUMN.get(name)
-        if column is None and name not in SCORELESS:
+        entry = SELECTORS[name]  # unknown name -> ConfigError listing the known ones
+        column = None if entry.reads == "nothing" else column or entry.column
+        if column is None and entry.reads != "nothing":
             raise ConfigError(f"--selectors: {name} ranks by a score column: write {name}:COLUMN, e.g. {name}:el2n")
         out.append((name, column))
     if not out:

@@ -14,10 +14,6 @@ from engine.config import SelectConfig
 from engine.errors import ConfigError, DataError
 from engine.select import SELECTORS
 
-# the column a selector reads when none is given; selectors that read embeddings, not a column
-DEFAULT_COLUMN = {"geda": "gradnorm_init", "craig": "grad_embedding", "gradmatch": "grad_embedding"}
-EMBEDDING_SELECTORS = ("craig", "gradmatch")
-
 
 @dataclass(frozen=True)
 class SelectResult:
@@ -34,18 +30,22 @@ def select_stage(cfg: SelectConfig) -> SelectResult:
     cfg.validate()
     fn = SELECTORS[cfg.selector]
     table, score_meta = artifacts.read_scores(cfg.scores)
-    column = cfg.column or DEFAULT_COLUMN.get(cfg.selector)
+    column = None if fn.reads == "nothing" else cfg.column or fn.column
     ids = table.column("sample_id").to_numpy()
     labels = table.column("label").to_numpy()
-    if cfg.selector in EMBEDDING_SELECTORS:
+    if fn.reads == "embeddings":
         values, source = _embeddings(embeddings_path(cfg), column, ids)
     else:
         values, source = _score_column(table, column, cfg.scores), cfg.scores
-    params = dict(cfg.params)
+    params = {**{p.name: p.default for p in fn.params}, **cfg.params}  # recorded with the defaults filled in
+    call = dict(params)
+    for p in fn.params:  # a parameter naming a score column gets that column's values
+        if p.column:
+            what = f"{cfg.selector} parameter {p.name}"
+            call[p.name] = _score_column(table, params[p.name], cfg.scores, what) if params.get(p.name) else None
     if cfg.selector == "geda" and params.get("solver", "exact") != "exact":
-        params["mapper"] = _class_mapper()
-    sel = fn(values, np.zeros_like(labels) if cfg.global_rank else labels, cfg.fraction, seed=cfg.seed, **params)
-    params.pop("mapper", None)
+        call["mapper"] = _class_mapper()
+    sel = fn(values, np.zeros_like(labels) if cfg.global_rank else labels, cfg.fraction, seed=cfg.seed, **call)
     meta = {"kind": "manifest", "selector": cfg.selector, "fraction": cfg.fraction, "column": column,
             "seed": cfg.seed, "global": cfg.global_rank, "params": params, "scores": str(cfg.scores),
             "scores_hash": artifacts.file_hash(cfg.scores), "values_from": str(source),
@@ -63,12 +63,12 @@ def embeddings_path(cfg: SelectConfig) -> str:
     return cfg.embeddings or str(Path(cfg.scores).parent / "embeddings.parquet")
 
 
-def _score_column(table, column: Optional[str], path: str):
+def _score_column(table, column: Optional[str], path: str, what: str = "--column"):
     if column is None:
         return None
     known = artifacts.score_columns(table)
     if column not in known:
-        raise ConfigError(f"--column {column!r} is not a score column of {path}; it has {', '.join(known)}")
+        raise ConfigError(f"{what} {column!r} is not a score column of {path}; it has {', '.join(known)}")
     return table.column(column).to_numpy().astype(np.float64)
 
 
@@ -98,4 +98,4 @@ def _class_mapper():
     return map
 
 
-__all__ = ["DEFAULT_COLUMN", "EMBEDDING_SELECTORS", "SelectResult", "embeddings_path", "select_stage"]
+__all__ = ["SelectResult", "embeddings_path", "select_stage"]
