@@ -91,6 +91,7 @@ def bench_regulariser(a) -> list:
     from engine.models import build_model
     from engine.models.lcnn import LCNN_DEFAULTS
     from engine.train.regularizers import build_penalty
+    from engine.units import L_INF_STEP, input_units
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -98,7 +99,7 @@ def bench_regulariser(a) -> list:
     y = torch.randint(0, 10, (a.batch,), device=dev)
     lcnn = {"activation": "centered_softplus", "beta": LCNN_DEFAULTS["beta"], "spectral_norm": True,
             "bn_gamma": LCNN_DEFAULTS["bn_gamma"]}
-    eps = 8 / 255 / 0.25  # 8/255 pixel units over a typical std
+    eps = input_units(L_INF_STEP, 0.25)  # 8/255 pixel units over a typical std
     variants = [
         ("plain CE", {}, None),
         ("CE + λ·Curv (λ=1)", {}, build_penalty(curvature_lambda=1.0, curvature_eps=eps)),

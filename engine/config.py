@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Tuple, Type, TypeVar
 
 from engine.errors import ConfigError
+from engine.units import L_INF_STEP
 
 C = TypeVar("C")
 
@@ -112,7 +113,7 @@ class TrainConfig:
     loader: str = "auto"               # "memory": each worker holds the split; "ray-data": workers stream their shard of a Ray Dataset; "auto": ray-data above 1 GiB of decoded images
     train_transform: Optional[str] = None  # training augmentation (engine.data.transforms.TRAIN_TRANSFORMS); None: the source's default
     curvature_lambda: float = 0.0      # SLo-Curves regulariser: CE + λ·Curv(X)
-    curvature_eps: float = 8 / 255     # Curv's step per input coordinate, in [0, 1] pixel units
+    curvature_eps: float = L_INF_STEP  # Curv's step per input coordinate, in [0, 1] pixel units (8/255)
     gradreg: float = 0.0               # LCNN GradReg weight μ (input-gradient norm penalty)
     activation: str = "relu"           # model option: "relu" or "centered_softplus" (LCNN)
     beta: Optional[float] = None       # centered softplus β (None: the model's default)

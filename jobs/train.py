@@ -90,11 +90,9 @@ def config_from(argv: Sequence[str]) -> TrainConfig:
     a = build_parser().parse_args(argv)
     model = {"activation": a.activation, "beta": a.beta, "bn_gamma": a.bn_gamma, "spectral_norm": a.spectral_norm}
     if a.lcnn:
-        from engine.models.lcnn import LCNN_DEFAULTS
+        from engine.models.lcnn import lcnn_options
 
-        model.update(activation="centered_softplus", spectral_norm=True,
-                     beta=LCNN_DEFAULTS["beta"] if a.beta is None else a.beta,
-                     bn_gamma=LCNN_DEFAULTS["bn_gamma"] if a.bn_gamma is None else a.bn_gamma)
+        model.update(lcnn_options(a.beta, a.bn_gamma))
     return config_from_args(TrainConfig, a, data=data_spec(a), pgd_eps=tuple(a.pgd_eps), optim=optim_from(a), **model)
 
 

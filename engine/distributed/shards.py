@@ -9,7 +9,6 @@ exist; ``done()`` also checks each file's row count against its partition's size
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -17,6 +16,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from engine.artifacts import atomic_write_bytes, write_table
 
 
 class ShardStore:
@@ -34,7 +35,7 @@ class ShardStore:
                 shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         if not stamp.exists():
-            _atomic_write_bytes(stamp, json.dumps({"fingerprint": fingerprint, "parts": len(sizes)}).encode())
+            atomic_write_bytes(stamp, json.dumps({"fingerprint": fingerprint, "parts": len(sizes)}).encode())
 
     def path(self, part: int) -> Path:
         return self.dir / f"part-{part:06d}.parquet"
@@ -55,7 +56,7 @@ class ShardStore:
         return out
 
     def write(self, part: int, cols: Dict[str, np.ndarray]) -> None:
-        _atomic_write_table(self.path(part), to_table(cols))
+        write_table(self.path(part), to_table(cols), {"kind": "score_shard"})
 
     def read_all(self) -> Dict[str, np.ndarray]:
         tables = [pq.read_table(self.path(p)) for p in range(len(self.sizes))]
@@ -85,15 +86,3 @@ def from_table(table: pa.Table) -> Dict[str, np.ndarray]:
         else:
             out[name] = col.to_numpy(zero_copy_only=False)
     return out
-
-
-def _atomic_write_table(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

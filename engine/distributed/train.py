@@ -327,10 +327,10 @@ def _penalty(cfg: TrainConfig, info):
     if not cfg.curvature_lambda and not cfg.gradreg:
         return None
     from engine.train.regularizers import build_penalty
+    from engine.units import input_units
 
-    std = float(np.mean(np.asarray(info.std, dtype=np.float64)))
     return build_penalty(curvature_lambda=cfg.curvature_lambda, gradreg_mu=cfg.gradreg,
-                         curvature_eps=cfg.curvature_eps / std)
+                         curvature_eps=input_units(cfg.curvature_eps, tuple(info.std)))
 
 
 def _final_eval(cfg: TrainConfig, model, test, info, device) -> dict:

@@ -43,6 +43,15 @@ LCNN_DEFAULTS = MappingProxyType(
 ACTIVATIONS = ("relu", "centered_softplus")
 
 
+def lcnn_options(beta: Optional[float] = None, bn_gamma: Optional[float] = None) -> dict:
+    """The LCNN paper's network as model options (``--lcnn``, a sweep variant's ``lcnn: true``,
+    ``lcnn=True``): centered softplus, spectral norm, γ-Lipschitz BatchNorm, with ``LCNN_DEFAULTS``'
+    β and γ unless given."""
+    return {"activation": LCNN_DEFAULTS["activation"], "spectral_norm": True,
+            "beta": LCNN_DEFAULTS["beta"] if beta is None else beta,
+            "bn_gamma": LCNN_DEFAULTS["bn_gamma"] if bn_gamma is None else bn_gamma}
+
+
 class CenteredSoftplus(nn.Module):
     """The paper's centered softplus (eq. in §3.3): ``s0(x; β) = log((1 + e^{βx}) / 2) / β
     = softplus(x; β) − log(2)/β``, elementwise, any shape.
@@ -428,10 +437,9 @@ class LayerOptions:
                 raise ConfigError(f"model option lcnn=True uses activation='centered_softplus', got {activation!r}")
             if spectral_norm is False:
                 raise ConfigError("model option lcnn=True uses spectral_norm=True, got False")
-            activation = LCNN_DEFAULTS["activation"]
-            beta = LCNN_DEFAULTS["beta"] if beta is None else beta
-            spectral_norm = True
-            bn_gamma = LCNN_DEFAULTS["bn_gamma"] if bn_gamma is None else bn_gamma
+            paper = lcnn_options(beta, bn_gamma)
+            activation, beta, spectral_norm, bn_gamma = (paper["activation"], paper["beta"], paper["spectral_norm"],
+                                                         paper["bn_gamma"])
         activation = "relu" if activation is None else activation
         if activation not in ACTIVATIONS:
             raise ConfigError(f"model option activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")

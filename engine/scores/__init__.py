@@ -80,11 +80,14 @@ def score_epochs_for(name: str, default_epochs: Sequence[int]) -> tuple:
     return tuple(SCORERS[name].fixed_epochs or default_epochs)
 
 
-def data_defaults(name: str, mean_std: Sequence[float]) -> dict:
+def data_defaults(name: str, std: Sequence[float] | float) -> dict:
     """Parameter defaults that depend on the data's normalisation: curvature's per-coordinate
-    step is 8/255 in [0, 1] pixel units, i.e. (8/255)/std in the model's input units."""
+    step is 8/255 in [0, 1] pixel units, i.e. ``engine.units.input_units(8/255, std)`` in the
+    model's input units."""
     if name == "curvature":
-        return {"eps": (8 / 255) / float(mean_std)}
+        from engine.units import L_INF_STEP, input_units
+
+        return {"eps": input_units(L_INF_STEP, std)}
     return {}
 
 

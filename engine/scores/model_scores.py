@@ -10,6 +10,7 @@ from torch import nn
 
 from engine.params import Rule, at_least, positive
 from engine.scores import scorer
+from engine.units import L_INF_STEP
 
 
 @contextlib.contextmanager
@@ -43,8 +44,12 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _per_sample_ce_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Sum over the batch of per-sample cross-entropies: in eval mode, its gradient with respect
-    to x_b is sample b's own input gradient."""
-    return F.cross_entropy(model(x).float(), y, reduction="sum")
+    to x_b is sample b's own input gradient. Half-precision logits go to float32; float64 stays
+    float64 (the exactness checks run in float64)."""
+    logits = model(x)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, y, reduction="sum")
 
 
 @scorer("grand", bf16=True)
@@ -135,6 +140,26 @@ def _input_grad(model: nn.Module, x: torch.Tensor, fn, create_graph: bool = Fals
     return g
 
 
+def loss_input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """``∇_x CE(f(x_b), y_b)`` per sample [B, ...] (call in eval mode: samples independent);
+    ``create_graph`` keeps its graph, so that a function of it back-propagates into the
+    parameters (the SLo-Curves and GradReg regularisers)."""
+    return _input_grad(model, x, lambda m, v: _per_sample_ce_sum(m, v, y), create_graph)
+
+
+def curvature_difference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g0: torch.Tensor, s: torch.Tensor,
+                         eps: float, create_graph: bool = False) -> torch.Tensor:
+    """SLo-Curves' ``||∇_x L(x + h·v) − ∇_x L(x)||_2`` per sample, [B]: ``g0`` the clean input
+    gradient, ``v = s / ||s||_2`` per sample (``s`` a sign or ±1 direction, a constant) and
+    ``h = eps·sqrt(D)``, so each coordinate of a sign direction moves by ``eps`` (model input
+    units). The one definition the ``curvature`` score and the ``CE + λ·Curv`` regulariser share;
+    with ``create_graph`` it is differentiable in the parameters."""
+    norm = torch.linalg.vector_norm(s.flatten(1), dim=1).clamp_min(1e-12).view(-1, *[1] * (s.dim() - 1))
+    h = eps * g0[0].numel() ** 0.5
+    g1 = loss_input_grad(model, x.detach() + h * s / norm, y, create_graph)
+    return torch.linalg.vector_norm((g1 - g0).flatten(1), dim=1)
+
+
 @scorer("curvature", params={
     "eps": ("per-coordinate step in the model's input units (jobs.score: 8/255 in pixel units, divided by the data's std)",
             positive()),
@@ -143,7 +168,7 @@ def _input_grad(model: nn.Module, x: torch.Tensor, fn, create_graph: bool = Fals
     "draws": ("rademacher directions averaged", at_least(1)),
     "seed": ("seed of the rademacher directions", at_least(0)),
     "tf32": ("TensorFloat-32 convolutions and matmuls on CUDA", None)})
-def curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255,
+def curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = L_INF_STEP,
               direction: str = "sign", draws: int = 1, seed: int = 0, tf32: bool = True) -> torch.Tensor:
     """SLo-Curves input-loss curvature (Garg & Roy, CVPR 2023), float32 [B]:
     ``||∇_x L(x + h·v) − ∇_x L(x)||_2`` with ``v = sign(∇_x L(x)) / ||sign(∇_x L(x))||_2``.
@@ -161,9 +186,7 @@ def curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float 
     relative against float64); ``tf32=False`` for IEEE float32 (1e-3, tested). No effect on CPU.
     """
     with input_grad_mode(model, tf32=tf32):
-        g0 = _input_grad(model, x, lambda m, v: _per_sample_ce_sum(m, v, y))
-        d = g0[0].numel()
-        h = eps * d**0.5
+        g0 = loss_input_grad(model, x, y)
         if direction == "sign":
             dirs = [torch.sign(g0)]
         elif direction == "rademacher":
@@ -174,9 +197,7 @@ def curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float 
         total = torch.zeros(len(x), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
                             device=x.device)
         for s in dirs:
-            norm = torch.linalg.vector_norm(s.flatten(1), dim=1).clamp_min(1e-12).view(-1, *[1] * (s.dim() - 1))
-            g1 = _input_grad(model, x.detach() + h * s / norm, lambda m, v: _per_sample_ce_sum(m, v, y))
-            total = total + torch.linalg.vector_norm((g1 - g0).flatten(1), dim=1).to(total.dtype)
+            total = total + curvature_difference(model, x, y, g0, s, eps).to(total.dtype)
         return (total / len(dirs)).float()
 
 

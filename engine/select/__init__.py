@@ -85,6 +85,23 @@ import_submodules(__name__, __path__)
 
 
 
+def parse_selection(text: str, allow_full: bool = False) -> Tuple[str, Optional[str]]:
+    """``"topk:el2n"`` -> ("topk", "el2n"); ``"geda"`` -> ("geda", "gradnorm_init"), its entry's
+    default column; ``"random"`` -> ("random", None); with ``allow_full``, ``"full"`` (the
+    full-data baseline of a sweep) -> ("full", None). An unknown selector, or one that ranks by a
+    column and has no default, is a ConfigError (before anything is scored)."""
+    name, _, column = str(text).strip().partition(":")
+    if allow_full and name == "full":
+        return name, None
+    entry = SELECTORS[name]  # unknown -> ConfigError listing the known ones
+    if entry.reads == "nothing":
+        return name, None
+    column = column or entry.column
+    if column is None:
+        raise ConfigError(f"{name} ranks by a score column: write {name}:COLUMN, e.g. {name}:el2n")
+    return name, column
+
+
 def check_selector_params(name: str, params: dict) -> dict:
     """``params`` (seed included) checked against selector ``name``'s entry: names, types
     (``nodes: 2.5`` and ``lam: nan`` are refused) and ranges; before any score is read.
@@ -98,4 +115,4 @@ def check_selector_params(name: str, params: dict) -> dict:
 
 
 __all__ = ["Param", "READS", "SELECTORS", "SEED", "SelectorEntry", "Selection", "check_selector_params",
-           "class_quotas", "total_quota", "selector"]
+           "class_quotas", "parse_selection", "total_quota", "selector"]

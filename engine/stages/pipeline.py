@@ -72,16 +72,14 @@ def parse_selectors(text: str) -> List[Tuple[str, Optional[str]]]:
     """``"random,topk:el2n,geda"`` -> [(name, column)], each column the one given or the
     selector's default (its registry entry's), so that scoring computes every column a
     selection will read: a selector without one fails here, not after scoring."""
-    from engine.select import SELECTORS
+    from engine.select import parse_selection
 
     out = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
-        name, _, column = item.partition(":")
-        entry = SELECTORS[name]  # unknown name -> ConfigError listing the known ones
-        column = None if entry.reads == "nothing" else column or entry.column
-        if column is None and entry.reads != "nothing":
-            raise ConfigError(f"--selectors: {name} ranks by a score column: write {name}:COLUMN, e.g. {name}:el2n")
-        out.append((name, column))
+        try:
+            out.append(parse_selection(item))
+        except ConfigError as e:
+            raise ConfigError(f"--selectors: {e}") from None
     if not out:
         raise ConfigError("--selectors: give at least one selector")
     return out
@@ -183,9 +181,8 @@ def finished_run(cfg: TrainConfig) -> Optional[dict]:
 
 
 def format_table(rows: list) -> str:
-    lines = ["| selector | fraction | train size | test accuracy | train time (s) | wall time (s) |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['selector']} | {r['fraction']:.2f} | {r['train_size']} | {r['test_accuracy']:.4f} "
-                     f"| {r['train_time_s']:.1f} | {r['wall_time_s']:.1f} |")
-    return "\n".join(lines)
+    from engine.tables import markdown_table
+
+    return markdown_table(("selector", "fraction", "train size", "test accuracy", "train time (s)", "wall time (s)"),
+                          ((r["selector"], f"{r['fraction']:.2f}", r["train_size"], f"{r['test_accuracy']:.4f}",
+                            f"{r['train_time_s']:.1f}", f"{r['wall_time_s']:.1f}") for r in rows))

@@ -31,8 +31,7 @@ def scoring_plan(cfg: ScoreConfig, info) -> tuple:
     epochs = {s: score_epochs_for(s, cfg.model_score_epochs) for s in model_scores}
     keep = tuple(sorted({e for es in epochs.values() for e in es}))
     plan = [(s, model_key(seed, e)) for s in model_scores for seed in range(cfg.seeds) for e in epochs[s]]
-    std = sum(info.std) / len(info.std)
-    params = {s: {**data_defaults(s, std), **cfg.score_params.get(s, {})} for s in model_scores}
+    params = {s: {**data_defaults(s, tuple(info.std)), **cfg.score_params.get(s, {})} for s in model_scores}
     return epochs, keep, plan, {s: p for s, p in params.items() if p}
 
 

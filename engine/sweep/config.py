@@ -73,10 +73,9 @@ class Variant:
         """TrainConfig fields this variant sets."""
         opts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lcnn" and getattr(self, f.name) is not None}
         if self.lcnn:
-            from engine.models.lcnn import LCNN_DEFAULTS
+            from engine.models.lcnn import lcnn_options
 
-            opts = {"activation": LCNN_DEFAULTS["activation"], "beta": LCNN_DEFAULTS["beta"], "spectral_norm": True,
-                    "bn_gamma": LCNN_DEFAULTS["bn_gamma"], **opts}
+            opts = {**lcnn_options(self.beta, self.bn_gamma), **opts}
         return opts
 
 
@@ -154,13 +153,10 @@ class SweepConfig:
 
 
 def parse_selection(text: str) -> tuple:
-    """``"topk:el2n"`` -> ("topk", "el2n"); ``"full"`` -> ("full", None)."""
-    from engine.select import SELECTORS
+    """A sweep's ``param_space.selector`` item: ``engine.select.parse_selection`` with ``full``."""
+    from engine.select import parse_selection as parse
 
-    name, _, column = str(text).partition(":")
-    if name != "full":
-        SELECTORS[name]  # unknown -> ConfigError listing the known ones
-    return name, column or None
+    return parse(text, allow_full=True)
 
 
 TOP_KEYS = {f.name for f in fields(SweepConfig)} | {"smoke_test"}

@@ -63,12 +63,14 @@ def summary(rows: list) -> str:
     groups = {}
     for r in rows:
         groups.setdefault((r["label"], r["variant"], r["curvature_lambda"], r["fraction"]), []).append(r["test_accuracy"])
-    lines = ["| selector | variant | λ | fraction | test accuracy (mean ± std) | seeds |", "|---|---|---|---|---|---|"]
+    from engine.tables import markdown_table
+
+    cells = []
     for (label, var, lam, frac), accs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0])):
         a = np.asarray(accs)
-        lines.append(f"| {label} | {var} | {lam:g} | {frac:.2f} | {a.mean():.4f} ± {a.std(ddof=1) if len(a) > 1 else 0:.4f} "
-                     f"| {len(a)} |")
-    return "\n".join(lines)
+        cells.append((label, var, f"{lam:g}", f"{frac:.2f}",
+                      f"{a.mean():.4f} ± {a.std(ddof=1) if len(a) > 1 else 0:.4f}", len(a)))
+    return markdown_table(("selector", "variant", "λ", "fraction", "test accuracy (mean ± std)", "seeds"), cells)
 
 
 def as_dict(cfg) -> dict:

@@ -39,19 +39,19 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from engine.scores.model_scores import eval_mode
+from engine.scores.model_scores import curvature_difference, eval_mode, loss_input_grad
+from engine.units import L_INF_STEP, input_units  # noqa: F401  (input_units: re-exported for callers of this module)
 
 # SLo-Curves: "λ is a hyperparameter, searched over {0, 0.5, 1, 5, 10, 20, 50}".
 SLO_CURVES_LAMBDAS = (0.0, 0.5, 1.0, 5.0, 10.0, 20.0, 50.0)
 
 # The scorer's convention: Curv's step per input coordinate is 8/255 in [0, 1] pixel units.
-DEFAULT_CURVATURE_EPS = 8 / 255
+DEFAULT_CURVATURE_EPS = L_INF_STEP
 
 PenaltyFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -80,50 +80,12 @@ def penalty_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.running_mean, m.running_var = mean, var
 
 
-def input_units(eps_pixel: float, std: Sequence[float] | float) -> float:
-    """A per-coordinate step in [0, 1] pixel units -> the model's normalised input units,
-    ``eps_pixel / mean(std)`` (the convention of ``engine.scores.data_defaults``)."""
-    s = [float(v) for v in std] if isinstance(std, (list, tuple)) else [float(std)]
-    return float(eps_pixel) / (sum(s) / len(s))
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (else the
     model itself): the penalty's extra forwards and input gradients must not go through DDP."""
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return model.module
     return model
-
-
-def _ce_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Sum of per-sample cross-entropies; half-precision logits go to float32, float64 stays
-    float64 (the gradient checks run in float64)."""
-    logits = model(x)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.cross_entropy(logits, y, reduction="sum")
-
-
-def _loss_input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``∇_x CE(f(x_b), y_b)`` per sample [B, ...], with its graph (create_graph=True), so a
-    function of it back-propagates into the parameters. Call in eval mode (per-sample)."""
-    x = x.detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(_ce_sum(model, x, y), x, create_graph=True)
-    return g
-
-
-def _flat_norm(t: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(t.flatten(1), dim=1)
-
-
-def _curv_from_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g0: torch.Tensor,
-                    eps: float) -> torch.Tensor:
-    """``||∇_x L(x + h·v) − g0||_2`` with v = sign(g0)/||sign(g0)||_2 (a constant) and h = eps·sqrt(D)."""
-    s = torch.sign(g0.detach())
-    norm = _flat_norm(s).clamp_min(1e-12).view(-1, *[1] * (s.dim() - 1))
-    h = eps * math.sqrt(g0[0].numel())
-    g1 = _loss_input_grad(model, x.detach() + h * s / norm, y)
-    return _flat_norm(g1 - g0)
 
 
 def curvature_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
@@ -144,7 +106,8 @@ def curvature_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     """
     model = unwrap(model)
     with penalty_mode(model), torch.enable_grad():
-        return _curv_from_grad(model, x, y, _loss_input_grad(model, x, y), eps)
+        g0 = loss_input_grad(model, x, y, create_graph=True)
+        return curvature_difference(model, x, y, g0, torch.sign(g0.detach()), eps, create_graph=True)
 
 
 def gradreg_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -161,7 +124,7 @@ def gradreg_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
     """
     model = unwrap(model)
     with penalty_mode(model), torch.enable_grad():
-        return _loss_input_grad(model, x, y).flatten(1).pow(2).sum(1)
+        return loss_input_grad(model, x, y, create_graph=True).flatten(1).pow(2).sum(1)
 
 
 @dataclass(frozen=True)
@@ -182,11 +145,13 @@ class Penalty:
             return total
         model = unwrap(model)
         with penalty_mode(model), torch.enable_grad():
-            g0 = _loss_input_grad(model, x, y)
+            g0 = loss_input_grad(model, x, y, create_graph=True)
             if self.gradreg_mu:
                 total = total + self.gradreg_mu * g0.flatten(1).pow(2).sum(1)
             if self.curvature_lambda:
-                total = total + self.curvature_lambda * _curv_from_grad(model, x, y, g0, self.curvature_eps)
+                curv = curvature_difference(model, x, y, g0, torch.sign(g0.detach()), self.curvature_eps,
+                                            create_graph=True)
+                total = total + self.curvature_lambda * curv
         return total
 
 
