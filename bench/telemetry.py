@@ -1,6 +1,11 @@
-"""Benchmark telemetry for the scoring actors, attached through ``engine.hooks``
-(``WINNOW_HOOKS=bench.telemetry``, set before Ray starts so that the actors install it too).
+"""Benchmark telemetry, attached through ``engine.hooks`` (``WINNOW_HOOKS=bench.telemetry``, set
+before Ray starts so that Ray's workers and actors install it too).
 
+Retraining phases (``train.timing``): every phase a run reaches, in the driver, in rank 0 and in
+a sweep's Tune function, is appended as a JSON line ``{"phase", "epoch", "t", "pid"}`` to
+``$WINNOW_TIMING_FILE`` (``bench/overhead.py`` reads them back).
+
+Scoring actors:
 Each actor call's bookkeeping rides along as compact numeric columns: ``_actor`` (an int64 key
 of the actor), ``_busy`` (the call's seconds, on its first row; 0 on the others), ``_end``
 (wall-clock time the call ended) and, on the first row of an actor's first call,
@@ -22,12 +27,25 @@ last_run: dict = {}   # the latest scoring pass's stats (see ``Telemetry.stats``
 _current: List["Telemetry"] = []
 
 
+TIMING_ENV = "WINNOW_TIMING_FILE"
+
+
 def install(on) -> None:
+    on("train.timing", _timing)
     on("scoring.actor_ready", _actor_ready)
     on("scoring.called", _called)
     on("scoring.start", _start)
     on("scoring.block", _block)
     on("scoring.done", _done)
+
+
+def _timing(phase: str, epoch) -> None:
+    import json
+
+    path = os.environ.get(TIMING_ENV)
+    if path:
+        with open(path, "a") as f:  # one short line per write: appends from several processes stay whole
+            f.write(json.dumps({"phase": phase, "epoch": epoch, "t": time.time(), "pid": os.getpid()}) + "\n")
 
 
 def _actor_ready(actor, started: float) -> None:

@@ -21,7 +21,11 @@ Points (keyword arguments):
 - ``scoring.start(rows)``: the driver starts a scoring pass over ``rows`` rows;
 - ``scoring.block(batch)``: the driver received a scored block (with those columns);
 - ``scoring.done(stats)``: the driver's scoring pass ended (``stats``: rows, wall_s, blocks);
-- ``train.checkpointed(work_dir, epoch)``: rank 0 reported pass ``epoch``'s checkpoint.
+- ``train.checkpointed(work_dir, epoch)``: rank 0 reported pass ``epoch``'s checkpoint;
+- ``train.timing(phase, epoch)``: a retraining run reached ``phase``: in the driver ``stage_start``,
+  ``fit_start``, ``fit_end``, ``stage_end``; in rank 0 ``loop_start``, ``ready``, and per pass
+  ``pass_start``, ``trained``, ``evaluated``, ``reported``; ``loop_end``; in a sweep's Tune
+  function ``trial_start``, ``trial_end`` (``bench/overhead.py`` times the phases).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from engine.errors import ConfigError
 
 ENV = "WINNOW_HOOKS"
 POINTS = ("scoring.actor_ready", "scoring.call", "scoring.called", "scoring.start", "scoring.block", "scoring.done",
-          "train.checkpointed")
+          "train.checkpointed", "train.timing")
 
 _hooks: Dict[str, List[Callable]] = {}
 _installed: Set[str] = set()

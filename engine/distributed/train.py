@@ -65,6 +65,8 @@ def _train_loop(loop_cfg: dict) -> None:
     cfg: TrainConfig = loop_cfg["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    timing = hooks.fire if rank == 0 else (lambda *a, **k: None)
+    timing("train.timing", phase="loop_start", epoch=None)
     if not cfg.gpus:
         torch.set_num_threads(max(1, int(loop_cfg.get("threads", 1))))
     source = load_source(cfg.data)
@@ -84,11 +86,14 @@ def _train_loop(loop_cfg: dict) -> None:
         data["train"] = _to_device(data["train"], device)
         _warm_up(model, data["train"], info, device, penalty)
     run = dict(cfg=cfg, source=source, info=info, model=model, opt=opt, sched=sched, device=device, penalty=penalty,
-               rank=rank, world=world, passes=passes, total_steps=total_steps, **data)
+               rank=rank, world=world, passes=passes, total_steps=total_steps, timing=timing, **data)
+    timing("train.timing", phase="ready", epoch=None)
     start = state["epoch"] + 1
     for epoch in range(start, passes + 1):
+        timing("train.timing", phase="pass_start", epoch=epoch)
         t0 = time.time()
         steps, seen, loss = _one_pass(run, epoch, total_steps - state["steps"])
+        timing("train.timing", phase="trained", epoch=epoch)
         state["train_time_s"] += time.time() - t0
         state["steps"] += steps
         state["samples_seen"] += seen
@@ -104,6 +109,7 @@ def _train_loop(loop_cfg: dict) -> None:
                                     model, opt, sched, state)
         else:
             ray.train.report({"final": True})
+    timing("train.timing", phase="loop_end", epoch=None)
 
 
 def _worker_data(cfg: TrainConfig, loop_cfg: dict, source, rank: int) -> dict:
@@ -182,7 +188,9 @@ def _after_pass(run: dict, state: dict, epoch: int, loss: float, work_dir: Path)
     print(f"train: pass {epoch}/{passes} loss {loss:.4f} test-acc {metrics['test_accuracy']:.4f}", flush=True)
     if epoch == passes:  # Result.metrics are those of the last checkpoint: the final ones ride on it
         metrics.update(_final_metrics(run["cfg"], model, test, info, device, state, passes, metrics["test_accuracy"]))
+    run["timing"]("train.timing", phase="evaluated", epoch=epoch)
     _report_with_checkpoint(metrics, model, run["opt"], run["sched"], state)
+    run["timing"]("train.timing", phase="reported", epoch=epoch)
     hooks.fire("train.checkpointed", work_dir=str(work_dir), epoch=epoch)
 
 
@@ -477,11 +485,13 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
     # "interrupted" line, exit 130, checkpoints kept; shutting Ray down stops the workers).
     trainer._register_sigint_handler = lambda controller: None
     t0 = time.time()
+    hooks.fire("train.timing", phase="fit_start", epoch=None)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         _raise_run_failed(exc, cfg, work)
     wall = time.time() - t0
+    hooks.fire("train.timing", phase="fit_end", epoch=None)
     if result.error:
         _raise_run_failed(result.error, cfg, work)
     metrics = dict(result.metrics or {})

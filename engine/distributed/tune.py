@@ -49,14 +49,17 @@ def train_trial(config: dict, cfg, out: str) -> None:
     (an earlier run finished it) is not trained again: its final metrics are reported as they are."""
     from pathlib import Path
 
+    from engine import hooks
     from engine.stages.sweep import trial_result
     from engine.stages.train import train_stage
 
+    hooks.fire("train.timing", phase="trial_start", epoch=None)
     tc, done = trial_result(cfg, config["trial"], Path(out))
     if done is not None:
         report_to_tune({"test_accuracy": done["test_accuracy"], "passes": done["passes"], "reused": True})
         return
     train_stage(tc, callbacks=report_callbacks())
+    hooks.fire("train.timing", phase="trial_end", epoch=None)
 
 
 def report_to_tune(metrics: dict) -> None:

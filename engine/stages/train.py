@@ -51,8 +51,10 @@ def train_stage(cfg: TrainConfig, subset: Optional[tuple] = None, callbacks: Seq
     ``callbacks`` go to Ray Train (a sweep's trial passes Tune's report callback)."""
     import shutil
 
+    from engine import hooks
     from engine.distributed.train import PARTIAL, fit_on_ray
 
+    hooks.fire("train.timing", phase="stage_start", epoch=None)
     ids, weight, n, manifest_hash = subset or load_subset(cfg)
     with output_dir(cfg.out, keep=(PARTIAL,)) as out:
         (out / "metrics.json").unlink(missing_ok=True)  # a stale result must not outlive a failed rerun
@@ -72,6 +74,7 @@ def train_stage(cfg: TrainConfig, subset: Optional[tuple] = None, callbacks: Seq
                    **report_skipped(source, out)}
         artifacts.write_json(out / "metrics.json", metrics)
         shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    hooks.fire("train.timing", phase="stage_end", epoch=None)
     print(f"test accuracy {metrics['test_accuracy']:.4f} on {n} samples ({metrics['samples_seen']} seen) "
           f"in {metrics['wall_time_s']:.1f}s -> {Path(cfg.out) / 'metrics.json'}")
     return metrics
