@@ -145,12 +145,32 @@ def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
         port = int(os.environ.get("WINNOW_DASHBOARD_PORT") or _free_port())
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
         url = f"http://127.0.0.1:{port}"
-    with private_ray_env(dashboard_url=url):
+    with private_ray_env(dashboard_url=url), _env_defaults(LOCAL_TRAIN_ENV):
         _init_keeping_signal_handlers(**kwargs)
         try:
             yield
         finally:
             ray.shutdown()
+
+
+# Ray Train settings for a job's own single-machine Ray (a variable the user set wins). Its
+# controller polls the workers every 2 s by default, so every run ends up to 2 s after its loop
+# (bench/overhead.py: "Ray Train stop" 4.5 s of a 22.5 s run), and it starts a preemption watcher
+# actor, a process of its own, for spot instances a laptop does not have. On a cluster
+# (RAY_ADDRESS) Ray's defaults stay.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+@contextlib.contextmanager
+def _env_defaults(defaults: dict) -> Iterator[None]:
+    """``defaults`` in os.environ for the block (those not already set); removed after it."""
+    added = [k for k in defaults if k not in os.environ]
+    os.environ.update({k: defaults[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 class _ErrorsToLogFile:
