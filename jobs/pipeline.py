@@ -63,9 +63,9 @@ def main(argv: Sequence[str]) -> None:
     from engine.storage import staged_output
 
     cfg = config_from(argv)  # every flag checked, and --out writable, before the run directory is touched
-    check_inputs(cfg.score_config())
+    source = check_inputs(cfg.score_config())
     with staged_output(cfg.out) as local, run_lock(local, "jobs.pipeline"), ray_session():
-        pipeline_stage(replace(cfg, out=local), fresh=build_parser().parse_args(argv).fresh)
+        pipeline_stage(replace(cfg, out=local), fresh=build_parser().parse_args(argv).fresh, source=source)
     print(f"pipeline finished in {time.time() - t0:.0f}s; results in {cfg.out}/results.md")
 
 

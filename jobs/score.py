@@ -92,7 +92,7 @@ def main(argv: Sequence[str]) -> None:
     from engine.stages.score import check_inputs, score_stage
 
     cfg = config_from(argv)
-    check_inputs(cfg)
+    source = check_inputs(cfg)
     from dataclasses import replace
 
     from engine.distributed.runtime import ray_session
@@ -103,7 +103,7 @@ def main(argv: Sequence[str]) -> None:
     with staged_output(cfg.out) as local, run_lock(local, "jobs.score"), ray_session():
         if fresh:
             start_fresh(Path(local))
-        score_stage(replace(cfg, out=local))
+        score_stage(replace(cfg, out=local), source)
 
 
 if __name__ == "__main__":

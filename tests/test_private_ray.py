@@ -222,7 +222,7 @@ def test_a_private_ray_gets_fast_ray_train_settings_and_the_users_win(monkeypatc
     monkeypatch.setattr(runtime, "_init_keeping_signal_handlers",
                         lambda **kw: seen.update({k: os.environ.get(k) for k in runtime.LOCAL_TRAIN_ENV}))
     with runtime.ray_session(dashboard=False):
-        pass
+        assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert seen == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"

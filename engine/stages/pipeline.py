@@ -85,21 +85,19 @@ def parse_selectors(text: str) -> List[Tuple[str, Optional[str]]]:
     return out
 
 
-def pipeline_stage(cfg: PipelineConfig, fresh: bool = False) -> list:
+def pipeline_stage(cfg: PipelineConfig, fresh: bool = False, source=None) -> list:
     """The four stages; assumes a Ray session. Returns the result rows (also OUT/results.md and
-    results.json)."""
-    from engine.stages.score import check_inputs
-
+    results.json). ``source``: what ``check_inputs(cfg.score_config())`` returned, when the
+    caller ran it already; the score stage checks its inputs otherwise."""
     out = Path(cfg.out)
     score_cfg = cfg.score_config()
-    check_inputs(score_cfg)
     if fresh:
         gone = [str(out / d) for d in PARTS if (out / d).exists()]
         for d in gone:
             shutil.rmtree(d)
         print(f"--fresh: removed {', '.join(gone)}" if gone else "--fresh: nothing to discard", flush=True)
     with output_dir(out, keep=PARTS):  # a failure keeps what earlier stages finished; a rerun reuses it
-        runs = _select(cfg, _score(score_cfg), out)
+        runs = _select(cfg, _score(score_cfg, source), out)
         rows = _retrain(cfg.train_config(), runs, out)
         table = format_table(rows)
         artifacts.atomic_write_bytes(out / "results.md", (table + "\n").encode())
@@ -108,11 +106,11 @@ def pipeline_stage(cfg: PipelineConfig, fresh: bool = False) -> list:
     return rows
 
 
-def _score(score_cfg: ScoreConfig) -> Path:
+def _score(score_cfg: ScoreConfig, source=None) -> Path:
     from engine.stages.score import score_stage
 
     print("== stage 1/3: proxy training and scoring")
-    return finished_scores(score_cfg) or score_stage(score_cfg)
+    return finished_scores(score_cfg) or score_stage(score_cfg, source)
 
 
 def _select(cfg: PipelineConfig, scores_path: Path, out: Path) -> list:

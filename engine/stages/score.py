@@ -48,14 +48,16 @@ def check_inputs(cfg: ScoreConfig):
     return source
 
 
-def score_stage(cfg: ScoreConfig) -> Path:
+def score_stage(cfg: ScoreConfig, source=None) -> Path:
     """Proxies, scores, the score table: ``jobs.score``'s work; assumes a Ray session. Returns
     the path of scores.parquet. Trained proxies and finished score shards stay in
-    ``OUT/_partial`` until the table is written, so a rerun of the same config resumes."""
+    ``OUT/_partial`` until the table is written, so a rerun of the same config resumes.
+    ``source``: what ``check_inputs(cfg)`` returned, when the caller ran it already (a large
+    image folder's listing is then read once)."""
     from engine.distributed.runtime import require_resources
     from engine.distributed.scoring import score_on_ray
 
-    source = check_inputs(cfg)
+    source = source or check_inputs(cfg)
     require_resources(f"--gpus-per-actor {cfg.gpus_per_actor:g} with --cpus-per-actor {cfg.cpus_per_actor:g}",
                       {"GPU": cfg.gpus_per_actor, "CPU": cfg.cpus_per_actor})
     epochs, keep, plan, params = scoring_plan(cfg, source.info())

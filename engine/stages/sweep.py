@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from engine import artifacts
 from engine.config import ScoreConfig, SelectConfig, TrainConfig
@@ -31,6 +31,7 @@ class SweepPlan:
     trials: List[dict]
     base: TrainConfig
     score: Optional[ScoreConfig]  # None: the YAML's scores_path, or no selector needs scores
+    source: Any = None            # the data source check_inputs read for the score config (listed once)
 
 
 def plan_sweep(cfg: SweepConfig, out: Path) -> SweepPlan:
@@ -43,17 +44,17 @@ def plan_sweep(cfg: SweepConfig, out: Path) -> SweepPlan:
     check_output(out, "--out")
     trials = expand_trials(cfg)
     base = cfg.base_train_config()
-    score = None
+    score, source = None, None
     if cfg.scores_path:
         artifacts.read_scores(cfg.scores_path)
     elif any(t["selector"] != "full" for t in trials):
         score = cfg.score_config(out)
-        check_inputs(score)
+        source = check_inputs(score)
     configs = [trial_train_config(cfg, base, t, out) for t in trials]
     for variant in dict.fromkeys(t["variant"] for t in trials):
         tc = next(c for c, t in zip(configs, trials) if t["variant"] == variant)
         load_subset(replace(tc, manifest=None))
-    return SweepPlan(trials, base, score)
+    return SweepPlan(trials, base, score, source)
 
 
 def sweep_stage(cfg: SweepConfig, out: Path, config_file: str, *, report: bool = True,
@@ -65,7 +66,7 @@ def sweep_stage(cfg: SweepConfig, out: Path, config_file: str, *, report: bool =
     with output_dir(out, keep=("_partial", "scores", "manifests", "trials", "tune")):
         (out / "sweep.json").unlink(missing_ok=True)
         check_same_sweep(out, fingerprint(cfg, p.trials))
-        scores = _scores(cfg, p.score)
+        scores = _scores(cfg, p.score, p.source)
         _manifests(cfg, p.trials, scores, out)
         errors = _tune(cfg, p, out)
         rows = collect(p.trials, out)
@@ -93,7 +94,7 @@ def sweep_stage(cfg: SweepConfig, out: Path, config_file: str, *, report: bool =
     return rows
 
 
-def _scores(cfg: SweepConfig, score: Optional[ScoreConfig]) -> Optional[str]:
+def _scores(cfg: SweepConfig, score: Optional[ScoreConfig], source=None) -> Optional[str]:
     if cfg.scores_path:
         print(f"== scores: reusing {cfg.scores_path}")
         return str(cfg.scores_path)
@@ -106,7 +107,7 @@ def _scores(cfg: SweepConfig, score: Optional[ScoreConfig]) -> Optional[str]:
         print(f"== scores: reusing {done} (computed by an earlier run of this sweep)")
         return str(done)
     print("== scores: proxy training and scoring (once for the whole sweep)")
-    return str(score_stage(score))
+    return str(score_stage(score, source))
 
 
 def _manifests(cfg: SweepConfig, trials: Sequence[dict], scores: Optional[str], out: Path) -> None:
