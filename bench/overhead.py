@@ -1,6 +1,7 @@
 """Where a short retraining run's wall time goes, and a sweep trial's (issue 35's measurement).
 
     python bench/overhead.py run --runs 3 --epochs 3      # jobs.train's stage, 1 worker, fashion-mnist-mini
+    python bench/overhead.py run --executor ray-train     # the same on a one-worker TorchTrainer
     python bench/overhead.py sweep --trials 3 --epochs 3  # full-data trials through Tune, one at a time
 
 Every phase a run reaches is recorded through ``engine.hooks`` (``train.timing``, written by
@@ -9,6 +10,7 @@ run's wall time is cut into:
 
     stage setup      stage_start -> fit_start    manifest and data checks, TorchTrainer built
     Ray Train start  fit_start -> loop_start     controller, worker group, worker process, imports
+                                                 (in-process: the checkpoint check only)
     worker setup     loop_start -> ready         data loaded, model built, DDP wrap, restore
     training         pass_start -> trained       the optimizer loop (sum over passes)
     evaluation       trained -> evaluated        test accuracy (+ the final pass's extra metrics)
@@ -93,7 +95,8 @@ def bench_runs(a, records_file: Path) -> list:
 
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(a.runs):
-            train_stage(TrainConfig(data=a.data, model=a.model, epochs=a.epochs, seed=i, out=f"{tmp}/run{i}"))
+            train_stage(TrainConfig(data=a.data, model=a.model, epochs=a.epochs, seed=i, out=f"{tmp}/run{i}",
+                                    executor=a.executor))
     return [breakdown(r) for r in runs_of(_read(records_file))]
 
 
@@ -140,6 +143,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--data", default="fashion-mnist-mini")
     p.add_argument("--model", default="small-cnn")
+    p.add_argument("--executor", default="auto", choices=("auto", "ray-train", "in-process"),
+                   help="run: jobs.train's --executor (auto: in-process here)")
     p.add_argument("--json", default=None, help="also write the rows here")
     a = p.parse_args()
     records = Path(tempfile.mkdtemp()) / "timing.jsonl"

@@ -124,7 +124,8 @@ class TrainConfig:
     pgd_steps: int = 20                # PGD iterations
     pgd_step_size: Optional[float] = None  # PGD step (None: 2.5·ε/steps)
     eval_samples: int = 1000           # test samples for geometry and PGD (0 = all)
-    max_failures: int = 2              # worker-group restarts from the last checkpoint (Ray Train FailureConfig)
+    max_failures: int = 2              # restarts from the last checkpoint (Ray Train FailureConfig; in-process: of the loop)
+    executor: str = "auto"             # "ray-train"; "in-process": one worker in the job's process, own checkpoints; "auto": in-process for one worker on the job's own machine
     cpus_per_worker: Optional[float] = None  # CPUs each Ray Train worker reserves (None: the cluster's CPUs / workers)
     checkpoint_storage: Optional[str] = None  # Ray Train storage_path for checkpoints (None: OUT/_partial; a multi-node cluster needs shared storage, e.g. s3://...)
     optim: OptimConfig = OptimConfig()
@@ -144,6 +145,14 @@ class TrainConfig:
             raise ConfigError(f"budget must be 'epochs' or 'steps', got {self.budget!r}")
         if self.weighting not in ("loss", "sampling"):
             raise ConfigError(f"weighting must be 'loss' or 'sampling', got {self.weighting!r}")
+        if self.executor not in ("auto", "ray-train", "in-process"):
+            raise ConfigError(f"executor must be 'auto', 'ray-train' or 'in-process', got {self.executor!r}")
+        if self.executor == "in-process":
+            from engine.distributed.in_process import unmet_need
+
+            why = unmet_need(self, self.loader == "ray-data", gpu=True)
+            if why:
+                raise ConfigError(f"--executor in-process needs {why}; use --executor ray-train")
         if self.loader not in ("auto", "memory", "ray-data"):
             raise ConfigError(f"loader must be 'auto', 'memory' or 'ray-data', got {self.loader!r}")
         if self.loader == "ray-data" and self.weighting == "sampling":

@@ -21,7 +21,8 @@ Points (keyword arguments):
 - ``scoring.start(rows)``: the driver starts a scoring pass over ``rows`` rows;
 - ``scoring.block(batch)``: the driver received a scored block (with those columns);
 - ``scoring.done(stats)``: the driver's scoring pass ended (``stats``: rows, wall_s, blocks);
-- ``train.checkpointed(work_dir, epoch)``: rank 0 reported pass ``epoch``'s checkpoint;
+- ``train.checkpointed(work_dir, epoch, in_process)``: rank 0 reported pass ``epoch``'s checkpoint
+  (``in_process``: in the job's own process, ``engine.distributed.in_process``);
 - ``train.timing(phase, epoch)``: a retraining run reached ``phase``: in the driver ``stage_start``,
   ``fit_start``, ``fit_end``, ``stage_end``; in rank 0 ``loop_start``, ``ready``, and per pass
   ``pass_start``, ``trained``, ``evaluated``, ``reported``; ``loop_end``; in a sweep's Tune

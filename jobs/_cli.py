@@ -93,16 +93,3 @@ def config_from_args(cls, args: argparse.Namespace, **given):
     cfg = cls(**{**{k: v for k, v in vars(args).items() if k in names}, **given})
     cfg.validate()
     return cfg
-
-
-def add_eval_flags(p: argparse.ArgumentParser, d) -> None:
-    """What a training run measures on the test set besides accuracy (LCNN's geometry, PGD);
-    ``d``: the TrainConfig whose values are the defaults."""
-    p.add_argument("--geometry", action="store_true",
-                   help="metrics: E||grad f||, E||hessian f||, E C_f on the test set (the LCNN paper's table)")
-    p.add_argument("--pgd-eps", type=float_list, default=d.pgd_eps,
-                   help="metrics: l2 PGD robust accuracy at these radii in pixel units, e.g. 0.05,0.1,0.15,0.2")
-    p.add_argument("--pgd-steps", type=int, default=d.pgd_steps, help="PGD iterations (default %(default)s)")
-    p.add_argument("--pgd-step-size", type=float, default=d.pgd_step_size, help="PGD step (default 2.5·eps/steps)")
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples,
-                   help="test samples for geometry and PGD (0 = all; default %(default)s)")

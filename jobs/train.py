@@ -23,7 +23,6 @@ from engine.config import TrainConfig
 from jobs._cli import (
     Parser,
     add_data_flags,
-    add_eval_flags,
     add_fresh_flag,
     add_optim_flags,
     add_train_transform_flag,
@@ -33,6 +32,7 @@ from jobs._cli import (
     optim_from,
     start_fresh,
 )
+from jobs._train_flags import add_eval_flags, add_run_flags
 
 
 def build_parser() -> Parser:
@@ -71,13 +71,7 @@ def build_parser() -> Parser:
                    help="the LCNN paper's network: centered softplus + spectral norm + γ-Lipschitz BatchNorm "
                         "(explicit --beta / --bn-gamma override the paper's defaults)")
     add_eval_flags(p, d)
-    p.add_argument("--max-failures", type=int, default=d.max_failures,
-                   help="restarts of the worker group from the last checkpoint (default %(default)s)")
-    p.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker,
-                   help="CPUs each worker reserves (default: the cluster's CPUs / workers)")
-    p.add_argument("--checkpoint-storage", default=d.checkpoint_storage,
-                   help="where Ray Train keeps checkpoints: a path all nodes share or a URI such as s3://bucket/ckpt "
-                        "(needed on a multi-node cluster; default OUT/_partial)")
+    add_run_flags(p, d)
     p.add_argument("--out", default=d.out, help="run directory for metrics.json and model.pt")
     add_optim_flags(p)
     add_fresh_flag(p)

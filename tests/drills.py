@@ -8,7 +8,9 @@ The hooks are installed in every Ray process of the test session (tests/conftest
   that receives a block deletes the file and exits abruptly; Ray restarts it and retries the
   block.
 - ``touch OUT/_partial/chaos-fail-worker``: rank 0 of a training run exits after its next
-  checkpoint; Ray Train restarts the worker group from it.
+  checkpoint; Ray Train restarts the worker group from it. In a run in the job's own process
+  (``--executor in-process``) the loop raises instead, and the in-process runner restarts it
+  from that checkpoint.
 """
 from __future__ import annotations
 
@@ -38,13 +40,20 @@ def _kill_scoring_actor(actor, batch) -> None:
     os._exit(17)
 
 
-def _fail_training_worker(work_dir: str, epoch: int) -> None:
+class DrillFailure(RuntimeError):
+    """The in-process training drill's error."""
+
+
+def _fail_training_worker(work_dir: str, epoch: int, in_process: bool = False) -> None:
     flag = Path(work_dir) / FAIL_WORKER
     if not flag.exists():
         return
+    flag.unlink(missing_ok=True)
+    if in_process:
+        print(f"train: chaos drill, the loop fails after pass {epoch}", flush=True)
+        raise DrillFailure(f"chaos drill after pass {epoch}")
     import ray.train
 
-    flag.unlink(missing_ok=True)
     # wait until the controller has registered this pass's checkpoint (reports are processed
     # asynchronously), so the drill tests resuming rather than a lost report
     ray.train.get_all_reported_checkpoints(timeout_s=60)

@@ -126,20 +126,31 @@ def test_fresh_removes_partial_work_and_the_runs_checkpoint_storage(tmp_path, ca
     assert capsys.readouterr().out.strip() == "--fresh: nothing to discard"
 
 
-def test_train_refuses_a_planted_or_damaged_checkpoint_and_resumes_from_a_genuine_one(ray_local, run_job, tmp_path):
+@pytest.mark.parametrize("executor,older", [("ray-train", "checkpoint_2000-01-01_00-00-00.000000"),
+                                            ("in-process", "checkpoint_000000")])
+def test_train_refuses_a_planted_or_damaged_checkpoint_and_resumes_from_a_genuine_one(ray_local, run_job, tmp_path,
+                                                                                      executor, older):
     """A run killed after its first pass leaves a checkpoint. Its state.pt replaced by a planted
     pickle is refused before any worker starts; a truncated one, with no other checkpoint, is
     reported by name; with an older good checkpoint beside it the run falls back to that one, and
-    the resuming worker reads it as data and finishes the run."""
+    the resuming worker reads it as data and finishes the run. Ray Train's checkpoints and the
+    in-process runner's alike."""
     import shutil
 
+    from engine import hooks
+
+    hooks.install("tests.drills")  # an in-process run's loop runs in this process
     out = tmp_path / "run"
     (out / "_partial").mkdir(parents=True)
     (out / "_partial" / "chaos-fail-worker").touch()  # rank 0 exits after pass 1's checkpoint
-    argv = ["--data", "digits", "--epochs", "2", "--batch-size", "128", "--max-failures", "0", "--out", str(out)]
-    code, _, err = run_job(train, argv)
+    argv = ["--data", "digits", "--epochs", "2", "--batch-size", "128", "--max-failures", "0", "--out", str(out),
+            "--executor", executor]
+    try:
+        code, _, err = run_job(train, argv)
+    finally:
+        hooks.uninstall_all()
     assert code == 1 and "rerun the same command to resume" in err, err
-    states = sorted((out / "_partial" / "ray_train").glob("run-*/checkpoint_*/state.pt"))
+    states = sorted((out / "_partial" / executor.replace("-", "_")).glob("run-*/checkpoint_*/state.pt"))
     assert states, "the failed run kept no checkpoint"
     state = states[-1]
     shutil.copy(state, tmp_path / "genuine.pt")
@@ -152,13 +163,13 @@ def test_train_refuses_a_planted_or_damaged_checkpoint_and_resumes_from_a_genuin
     assert not (out / "metrics.json").exists()
     state.write_bytes((tmp_path / "genuine.pt").read_bytes()[:100])
     code, _, err = run_job(train, argv)
-    assert code == 2 and f"{state}: a file of a Ray Train checkpoint is damaged or truncated" in err, err
+    assert code == 2 and f"{state}: a file of a training checkpoint is damaged or truncated" in err, err
     assert "no checkpoint of this run reads back: rerun with --fresh" in err
     # an older good checkpoint of the same run (its name sorts first, as an earlier pass's does)
-    shutil.copytree(tmp_path / "genuine", state.parent.with_name("checkpoint_2000-01-01_00-00-00.000000"))
+    shutil.copytree(tmp_path / "genuine", state.parent.with_name(older))
     code, stdout, err = run_job(train, argv)
     assert code == 0, err
-    assert f"{state}: a file of a Ray Train checkpoint is damaged" in stdout and "resumes from the newest" in stdout
+    assert f"{state}: a file of a training checkpoint is damaged" in stdout and "resumes from the newest" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["restarts"] == 1 and metrics["passes"] == 2
     assert isinstance(artifacts.load_tensors(out / "model.pt", "the model"), dict)

@@ -96,6 +96,7 @@ def _train(run_job, out, *extra):
 def test_injected_worker_failure_resumes_to_the_same_weights(ray_local, run_job, tmp_path, extra):
     """With augmentation too: its draws depend on (seed, pass, sample_id) only, so the resumed
     passes see the images the uninterrupted run saw."""
+    extra = (*extra, "--executor", "ray-train")
     code, _, err = _train(run_job, tmp_path / "clean", *extra)
     assert code == 0, err
     assert not (tmp_path / "clean" / "_partial").exists()  # checkpoints are dropped once the run is complete
@@ -116,17 +117,76 @@ def test_rerun_after_a_failed_run_resumes(ray_local, run_job, tmp_path):
     out = tmp_path / "run"
     (out / "_partial").mkdir(parents=True)
     (out / "_partial" / "chaos-fail-worker").touch()
-    code, _, err = _train(run_job, out, "--max-failures", "0", "--seed", "1")
+    code, _, err = _train(run_job, out, "--max-failures", "0", "--seed", "1", "--executor", "ray-train")
     assert code == 1 and "jobs.train: error: training failed after 0 restart(s)" in err, err
     assert "rerun the same command to resume" in err and "Traceback" not in err
     assert not (out / "metrics.json").exists() and not (out / "model.pt").exists()
     assert any((out / "_partial" / "ray_train").iterdir())  # the checkpoint of pass 1 is kept
-    code, stdout, err = _train(run_job, out, "--max-failures", "0", "--seed", "1")
+    code, stdout, err = _train(run_job, out, "--max-failures", "0", "--seed", "1", "--executor", "ray-train")
     assert code == 0, err
     assert json.loads((out / "metrics.json").read_text())["restarts"] == 1
-    code, _, err = _train(run_job, tmp_path / "clean", "--seed", "1")
+    code, _, err = _train(run_job, tmp_path / "clean", "--seed", "1", "--executor", "ray-train")
     assert code == 0, err
     _assert_same_weights(tmp_path / "clean" / "model.pt", out / "model.pt")
+
+
+@pytest.fixture
+def drills_here():
+    """The fault drills in this process too (an in-process run's loop runs here)."""
+    from engine import hooks
+
+    hooks.install("tests.drills")
+    yield
+    hooks.uninstall_all()
+
+
+def test_in_process_runs_train_the_weights_ray_train_does_and_resume_from_their_own_checkpoints(
+        ray_local, run_job, tmp_path, drills_here):
+    """One worker in the job's process (``--executor auto`` picks it here): the same weights and
+    metrics as a Ray Train worker group of one; an error after pass 1 restarts the loop from that
+    pass's checkpoint; with no restart left the run fails in one line, keeps the checkpoint, and
+    the rerun resumes from it. Every path ends on the same weights."""
+    extra = ("--train-transform", "pad-crop-flip")  # the augmentation's draws must line up too
+    code, _, err = _train(run_job, tmp_path / "ray", *extra, "--executor", "ray-train")
+    assert code == 0, err
+    code, stdout, err = _train(run_job, tmp_path / "here", *extra)
+    assert code == 0, err
+    assert "one worker in this process (--executor auto" in stdout and "RayTrainWorker" not in stdout
+    ray_m, here_m = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ray", "here"))
+    assert here_m["executor"] == "in-process" and ray_m["executor"] == "ray-train"
+    for k in ("test_accuracy", "steps", "samples_seen", "passes", "history"):
+        assert here_m[k] == ray_m[k], k
+    _assert_same_weights(tmp_path / "ray" / "model.pt", tmp_path / "here" / "model.pt")
+    assert not (tmp_path / "here" / "_partial").exists()
+
+    chaos = tmp_path / "chaos"
+    (chaos / "_partial").mkdir(parents=True)
+    (chaos / "_partial" / "chaos-fail-worker").touch()  # the loop raises after pass 1's checkpoint
+    code, stdout, err = _train(run_job, chaos, *extra, "--executor", "in-process")
+    assert code == 0, err
+    assert "restarting from its last checkpoint (1/2)" in stdout and "resuming after pass 1/3" in stdout
+    assert json.loads((chaos / "metrics.json").read_text())["restarts"] == 1
+    _assert_same_weights(tmp_path / "ray" / "model.pt", chaos / "model.pt")
+
+    failed = tmp_path / "failed"
+    (failed / "_partial").mkdir(parents=True)
+    (failed / "_partial" / "chaos-fail-worker").touch()
+    code, _, err = _train(run_job, failed, *extra, "--max-failures", "0")
+    assert code == 1 and "jobs.train: error: training failed after 0 restart(s) (chaos drill after pass 1)" in err
+    assert "rerun the same command to resume" in err and "Traceback" not in err and "worker logs" not in err
+    kept = sorted((failed / "_partial" / "in_process").glob("run-*/checkpoint_*"))
+    assert [p.name for p in kept] == ["checkpoint_000001"] and not (failed / "metrics.json").exists()
+    code, stdout, err = _train(run_job, failed, *extra, "--max-failures", "0")
+    assert code == 0, err
+    assert "resuming after pass 1/3" in stdout
+    _assert_same_weights(tmp_path / "ray" / "model.pt", failed / "model.pt")
+
+
+def test_executor_in_process_is_refused_where_it_cannot_run(run_job, tmp_path):
+    code, _, err = _train(run_job, tmp_path / "x", "--executor", "in-process", "--workers", "2")
+    assert code == 2 and "--executor in-process needs --workers 1; use --executor ray-train" in err, err
+    code, _, err = _train(run_job, tmp_path / "y", "--executor", "in-process", "--loader", "ray-data")
+    assert code == 2 and "--executor in-process needs the in-memory loader" in err, err
 
 
 def test_steps_budget_weights_regularisers_lcnn_and_evaluation(ray_local, run_job, tmp_path):

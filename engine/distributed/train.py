@@ -33,6 +33,7 @@ from engine.artifacts import load_tensors, save_tensors
 from engine.config import TrainConfig, to_dict
 from engine.data import load_source
 from engine.data.base import StreamedSplit
+from engine.distributed.in_process import resolve_executor
 from engine.distributed.runtime import require_resources
 from engine.errors import ConfigError, DamagedFileError, RunFailedError, user_error
 
@@ -40,7 +41,7 @@ PARTIAL = "_partial"
 
 # Fields that change what is trained; the evaluation and failure settings do not.
 # fields that do not change the trained weights: a run differing only in these resumes
-_EVAL_ONLY = {"out", "geometry", "pgd_eps", "pgd_steps", "pgd_step_size", "eval_samples", "max_failures",
+_EVAL_ONLY = {"out", "executor", "geometry", "pgd_eps", "pgd_steps", "pgd_step_size", "eval_samples", "max_failures",
               "cpus_per_worker", "checkpoint_storage"}
 
 
@@ -55,16 +56,43 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _train_loop(loop_cfg: dict) -> None:
-    """Runs in every Ray Train worker: the passes from the last checkpoint on, rank 0
-    evaluating and checkpointing after each."""
+class RayTrainSession:
+    """What the training loop asks of its runner, in a Ray Train worker: rank and world size,
+    the device, the model wrapped for data parallelism, the checkpoint to resume from, and
+    ``report`` (metrics, with a checkpoint directory from rank 0) to the controller, which
+    persists the checkpoint and restarts the worker group from it on a failure.
+    ``engine.distributed.in_process.InProcessSession`` is the same for one worker in the job's
+    own process."""
+
+    in_process = False
+
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self) -> torch.device:
+        return ray.train.torch.get_device()
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model)
+
+    def checkpoint(self):
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+def _train_loop(loop_cfg: dict, session=None) -> None:
+    """Runs in every Ray Train worker (or, given ``session``, in the job's process): the passes
+    from the last checkpoint on, rank 0 evaluating and checkpointing after each."""
     from engine.models import build_model
     from engine.train import epoch_plan, make_optimizer, seed_everything
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own line per pass is enough
     cfg: TrainConfig = loop_cfg["cfg"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = session or RayTrainSession()
+    rank, world = session.rank, session.world
     timing = hooks.fire if rank == 0 else (lambda *a, **k: None)
     timing("train.timing", phase="loop_start", epoch=None)
     if not cfg.gpus:
@@ -74,18 +102,18 @@ def _train_loop(loop_cfg: dict) -> None:
     data = _worker_data(cfg, loop_cfg, source, rank)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, info.image_shape[2], info.num_classes, info.image_shape[0], **cfg.model_options)
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
+    model = session.prepare(model)
+    device = session.device()
     passes, total_steps = epoch_plan(data["rows"], cfg.optim.batch_size * world, cfg.epochs, cfg.budget,
                                      data["full_rows"])
     opt, sched = make_optimizer(model, cfg.optim, total_steps)
     penalty = _penalty(cfg, info)
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     state = _restore(checkpoint, model, opt, sched, rank, passes)
     if device.type == "cuda" and not data["stream"] and data["transform"] == "none":  # augmentation runs on the host
         data["train"] = _to_device(data["train"], device)
         _warm_up(model, data["train"], info, device, penalty)
-    run = dict(cfg=cfg, source=source, info=info, model=model, opt=opt, sched=sched, device=device, penalty=penalty,
+    run = dict(session=session, cfg=cfg, source=source, info=info, model=model, opt=opt, sched=sched, device=device, penalty=penalty,
                rank=rank, world=world, passes=passes, total_steps=total_steps, timing=timing, **data)
     timing("train.timing", phase="ready", epoch=None)
     start = state["epoch"] + 1
@@ -105,10 +133,10 @@ def _train_loop(loop_cfg: dict) -> None:
             from engine.train import evaluate
 
             acc = evaluate(model, data["test"], info, device)
-            _report_with_checkpoint(_final_metrics(cfg, model, data["test"], info, device, state, passes, acc),
-                                    model, opt, sched, state)
+            _report_with_checkpoint(session, _final_metrics(cfg, model, data["test"], info, device, state, passes,
+                                                            acc), model, opt, sched, state)
         else:
-            ray.train.report({"final": True})
+            session.report({"final": True})
     timing("train.timing", phase="loop_end", epoch=None)
 
 
@@ -180,7 +208,7 @@ def _after_pass(run: dict, state: dict, epoch: int, loss: float, work_dir: Path)
     metrics = {"epoch": epoch, "passes": passes, "train_loss": loss, **{k: state[k] for k in
                ("steps", "samples_seen", "train_time_s", "restarts")}}
     if run["rank"] != 0:
-        ray.train.report(metrics)
+        run["session"].report(metrics)
         return
     model, test, info, device = run["model"], run["test"], run["info"], run["device"]
     metrics["test_accuracy"] = evaluate(model, test, info, device)
@@ -189,9 +217,9 @@ def _after_pass(run: dict, state: dict, epoch: int, loss: float, work_dir: Path)
     if epoch == passes:  # Result.metrics are those of the last checkpoint: the final ones ride on it
         metrics.update(_final_metrics(run["cfg"], model, test, info, device, state, passes, metrics["test_accuracy"]))
     run["timing"]("train.timing", phase="evaluated", epoch=epoch)
-    _report_with_checkpoint(metrics, model, run["opt"], run["sched"], state)
+    _report_with_checkpoint(run["session"], metrics, model, run["opt"], run["sched"], state)
     run["timing"]("train.timing", phase="reported", epoch=epoch)
-    hooks.fire("train.checkpointed", work_dir=str(work_dir), epoch=epoch)
+    hooks.fire("train.checkpointed", work_dir=str(work_dir), epoch=epoch, in_process=run["session"].in_process)
 
 
 def _array_augment(source, train, transform: str, seed: int, epoch: int):
@@ -313,13 +341,13 @@ def _warm_up(model, train, info, device, penalty) -> None:
     torch.set_rng_state(rng)
 
 
-def _report_with_checkpoint(metrics: dict, model, opt, sched, state: dict) -> None:
+def _report_with_checkpoint(session, metrics: dict, model, opt, sched, state: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                     "counters": state}, os.path.join(tmp, "state.pt"))
         torch.save(_unwrap(model).state_dict(), os.path.join(tmp, "model.pt"))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        session.report(metrics, tmp)
 
 
 def _final_metrics(cfg, model, test, info, device, state, passes, accuracy) -> dict:
@@ -366,7 +394,8 @@ def _final_eval(cfg: TrainConfig, model, test, info, device) -> dict:
     return out
 
 
-def _raise_run_failed(exc: BaseException, cfg: TrainConfig, work: Path):
+def _raise_run_failed(exc: BaseException, cfg: TrainConfig, work: Path,
+                      logs: Optional[str] = "the Ray session's logs/train/"):
     """A user error raised inside a worker keeps its message; a worker that died more often
     than ``max_failures`` allows becomes one ``RunFailedError`` line naming the first error."""
     err = user_error(exc)
@@ -376,11 +405,11 @@ def _raise_run_failed(exc: BaseException, cfg: TrainConfig, work: Path):
     detail = next((ln for ln in lines if "Error" in ln and "Training failed" not in ln and "Snippet" not in ln),
                   lines[0] if lines else type(exc).__name__)
     raise RunFailedError(f"training failed after {cfg.max_failures} restart(s) ({detail[:300]}); "
-                         f"checkpoints are kept in {work}: rerun the same command to resume "
-                         f"(worker logs: the Ray session's logs/train/)") from exc
+                         f"checkpoints are kept in {work}: rerun the same command to resume"
+                         + (f" (worker logs: {logs})" if logs else "")) from exc
 
 
-STATE = "the training state of a Ray Train checkpoint"
+STATE = "the training state of a training checkpoint"
 
 
 def _load_training_state(checkpoint, rank: int) -> dict:
@@ -419,7 +448,7 @@ def check_checkpoints(storage: str, name: str) -> None:
     for ckpt in _checkpoint_dirs(run):
         try:
             for path in sorted(ckpt.glob("*.pt")):
-                load_tensors(path, "a file of a Ray Train checkpoint")
+                load_tensors(path, "a file of a training checkpoint")
             good.append(ckpt)
         except DamagedFileError as e:
             damaged.append(e)
@@ -436,8 +465,9 @@ def checkpoint_root(checkpoint_storage: str, out: str | Path) -> str:
 
 
 def _checkpoint_dirs(run: Path) -> list:
-    """A run's checkpoint directories, oldest first (not Ray's snapshot .json beside them)."""
-    return sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    """A run's checkpoint directories, oldest first (not Ray's snapshot .json beside them, nor
+    one the in-process runner was writing when it stopped)."""
+    return sorted(p for p in run.glob("checkpoint_*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
 def _storage_path(cfg: TrainConfig, work: Path) -> str:
@@ -468,6 +498,8 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
     # the ray-data loader's read tasks need CPUs of their own: leave one free
     cpus = cfg.cpus_per_worker or max(1, (total_cpus - (1 if stream else 0)) // cfg.workers)
     loop_cfg, datasets = _loop_inputs(cfg, source, ids, weight, stream, max(1, int(cpus)), work)
+    if not callbacks and resolve_executor(cfg, stream) == "in-process":
+        return _fit_here(cfg, loop_cfg, work, name)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_cfg, datasets=datasets,
@@ -500,13 +532,29 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
     save_tensors(out / "model.pt", state)
     metrics["wall_time_s"] = wall
     metrics["loader"] = "ray-data" if stream else "memory"
+    metrics["executor"] = "ray-train"
     return metrics
+
+
+def _fit_here(cfg: TrainConfig, loop_cfg: dict, work: Path, name: str) -> dict:
+    """``fit_on_ray``'s in-process path (``engine.distributed.in_process``)."""
+    from engine.distributed.in_process import SUBDIR, fit_in_process
+
+    storage = checkpoint_root(cfg.checkpoint_storage, cfg.out) + "/" + SUBDIR if cfg.checkpoint_storage \
+        else str(work / SUBDIR)
+    print(f"train: one worker in this process (--executor {cfg.executor}; checkpoints in {storage})", flush=True)
+    t0 = time.time()
+    hooks.fire("train.timing", phase="fit_start", epoch=None)
+    metrics, state = fit_in_process(cfg, loop_cfg, storage, name, work)
+    hooks.fire("train.timing", phase="fit_end", epoch=None)
+    save_tensors(Path(cfg.out).resolve() / "model.pt", state)
+    return {**metrics, "wall_time_s": time.time() - t0, "loader": "memory", "executor": "in-process"}
 
 
 def _drop_other_runs(work: Path, name: str) -> None:
     """Checkpoints of another config cannot be resumed: drop them; make ``work``."""
     if work.is_dir():
-        for child in work.glob("ray_train/run-*"):
+        for child in [*work.glob("ray_train/run-*"), *work.glob("in_process/run-*")]:
             if child.name != name:
                 shutil.rmtree(child, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ def train_stage(cfg: TrainConfig, subset: Optional[tuple] = None, callbacks: Seq
                    "train_time_s": m.get("train_time_s"), "samples_seen": m["samples_seen"], "steps": m["steps"],
                    "passes": m["passes"], "train_size": n, "epochs": cfg.epochs, "budget": cfg.budget,
                    "weighting": cfg.weighting if cfg.manifest else None, "restarts": m.get("restarts", 0),
-                   "loader": m.get("loader"),
+                   "loader": m.get("loader"), "executor": m.get("executor"),
                    "history": m.get("history", []), "geometry": m.get("geometry"),
                    "robust_accuracy": m.get("robust_accuracy"), "data": cfg.data,
                    "data_rows": {"train": source.num_rows("train"), "test": source.num_rows("test")},
