@@ -3,6 +3,7 @@
     python bench/overhead.py run --runs 3 --epochs 3      # jobs.train's stage, 1 worker, fashion-mnist-mini
     python bench/overhead.py run --executor ray-train     # the same on a one-worker TorchTrainer
     python bench/overhead.py sweep --trials 3 --epochs 3  # full-data trials through Tune, one at a time
+    python bench/overhead.py sweep --trials 6 --concurrent 2  # two at a time (the wall per trial)
 
 Every phase a run reaches is recorded through ``engine.hooks`` (``train.timing``, written by
 ``bench/telemetry.py`` from the driver, rank 0 and a sweep's Tune function into one file), and a
@@ -45,8 +46,12 @@ PER_PASS = [("training", "pass_start", "trained"), ("evaluation", "trained", "ev
             ("checkpoint", "evaluated", "reported")]
 
 
-def runs_of(records: list) -> list:
-    """The records cut into runs, each from a ``stage_start`` to the next."""
+def runs_of(records: list, by_process: bool = False) -> list:
+    """The records cut into runs, each from a ``stage_start`` to the next (``by_process``: within
+    each process, for trials that ran at the same time in processes of their own)."""
+    if by_process:
+        return [run for pid in sorted({r["pid"] for r in records})
+                for run in runs_of([r for r in records if r["pid"] == pid])]
     out = []
     for r in sorted(records, key=lambda r: r["t"]):
         if r["phase"] == "stage_start":
@@ -106,15 +111,20 @@ def bench_sweep(a, records_file: Path) -> list:
 
     cfg = sweep_from_dict({"name": "overhead", "data": a.data, "model": a.model, "train": {"epochs": a.epochs},
                            "param_space": {"selector": ["full"], "seed": list(range(a.trials))},
-                           "resources": {"cpus_per_trial": 1.0, "max_concurrent_trials": 1}})
+                           "resources": {"cpus_per_trial": 1.0, "max_concurrent_trials": a.concurrent}})
     with tempfile.TemporaryDirectory() as tmp:
         _record("sweep_start")
         sweep_stage(cfg, Path(tmp) / "sweep", "bench/overhead.py", report=False)
         _record("sweep_end")
     records = _read(records_file)
-    rows = [breakdown(r) for r in runs_of([r for r in records if r["phase"] not in TRIAL_PHASES])]
+    rows = [breakdown(r) for r in runs_of([r for r in records if r["phase"] not in TRIAL_PHASES], a.concurrent > 1)]
     t = {p: sorted(r["t"] for r in records if r["phase"] == p) for p in (*TRIAL_PHASES, "stage_start", "stage_end")}
-    outside = (t["sweep_end"][0] - t["sweep_start"][0]) - sum(e - s for s, e in zip(t["trial_start"], t["trial_end"]))
+    total = t["sweep_end"][0] - t["sweep_start"][0]
+    outside = total - sum(e - s for s, e in zip(t["trial_start"], t["trial_end"]))
+    print(f"sweep: {len(t['trial_start'])} trial(s), {a.concurrent} at a time: {total:.2f} s, "
+          f"{total / max(1, len(t['trial_start'])):.2f} s per trial", flush=True)
+    if a.concurrent > 1:  # trials overlap: the per-trial rows are their own phases only
+        return rows
     for row, s, e, ss, se in zip(rows, t["trial_start"], t["trial_end"], t["stage_start"], t["stage_end"]):
         row["trial function"] = (e - s) - (se - ss)
         row["Tune"] = outside / len(rows)
@@ -143,6 +153,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--data", default="fashion-mnist-mini")
     p.add_argument("--model", default="small-cnn")
+    p.add_argument("--concurrent", type=int, default=1, help="sweep: trials at a time (default 1)")
     p.add_argument("--executor", default="auto", choices=("auto", "ray-train", "in-process"),
                    help="run: jobs.train's --executor (auto: in-process here)")
     p.add_argument("--json", default=None, help="also write the rows here")

@@ -38,6 +38,7 @@ def test_smoke_sweep_results(smoke_sweep):
         assert 0 < r["test_accuracy"] <= 1
         m = json.loads((out / r["trial_dir"] / "metrics.json").read_text())
         assert m["test_accuracy"] == r["test_accuracy"]
+        assert m["executor"] == "in-process"  # one worker per trial on the job's own machine: no TorchTrainer
         if r["selector"] == "full":
             assert r["manifest"] is None and r["train_size"] == 6000
         else:  # the trial trained on its manifest's rows
@@ -47,8 +48,14 @@ def test_smoke_sweep_results(smoke_sweep):
     # one score table for all trials
     assert (out / "scores" / "scores.parquet").is_file()
     assert len(list((out / "manifests").glob("*.parquet"))) == len(trials) - 1
-    # Tune's experiment with TensorBoard event files under the one storage path
+    # Tune's experiment with TensorBoard event files under the one storage path, and every pass's
+    # report in each trial's results (what ASHA stops on)
     assert list((out / "tune" / "smoke").rglob("events.out.tfevents*"))
+    results = sorted((out / "tune" / "smoke").glob("*/result.json"))
+    assert len(results) == len(trials)
+    for path in results:
+        passes = [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()]
+        assert passes == list(range(1, spec["train"]["epochs"] + 1)), path
     assert (out / "results.csv").read_text().startswith("trial_id,") or "trial_id" in (out / "results.csv").read_text()
     # the report renders from the sweep
     html = (out / "report" / "report.html").read_text()

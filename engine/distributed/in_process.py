@@ -112,6 +112,19 @@ def resolve_executor(cfg: TrainConfig, stream: bool) -> str:
     return "in-process" if ok else "ray-train"
 
 
+def trial_executor(base: TrainConfig, workers: int, source) -> str:
+    """The executor of a sweep's trials, decided once by the driver (a trial's resources are
+    reserved before it starts): ``resolve_executor`` for the YAML's train section with the
+    trial's workers, on the full training split (its largest subset)."""
+    from dataclasses import replace
+
+    from engine.data import load_source
+    from engine.distributed.train import resolve_loader
+
+    cfg = replace(base, workers=workers)
+    return resolve_executor(cfg, resolve_loader(cfg, None, source or load_source(base.data)) == "ray-data")
+
+
 def unmet_need(cfg: TrainConfig, stream: bool, gpu: bool) -> Optional[str]:
     """What the in-process path needs and ``cfg`` does not give (``stream``: the ray-data loader;
     ``gpu``: whether this process sees a GPU), or None."""

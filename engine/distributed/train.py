@@ -480,14 +480,16 @@ def _storage_path(cfg: TrainConfig, work: Path) -> str:
 
 def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.ndarray],
                manifest_hash: Optional[str] = None, work_dir: Optional[Path] = None,
-               callbacks: Sequence = ()) -> dict:
+               callbacks: Sequence = (), reporters: Sequence = ()) -> dict:
     """Train ``cfg.model`` with ``cfg.workers`` Ray Train workers on the manifest's subset
     (``ids``/``weight``) or the whole training split. Checkpoints go under
     ``work_dir`` (default ``{cfg.out}/_partial``) in a run named by the config's
     fingerprint, so a rerun of the same command resumes; a different config starts afresh.
     Returns the final metrics plus wall time; the final weights are saved to
     ``{cfg.out}/model.pt``. ``callbacks``: Ray Train ``UserCallback``s (a sweep passes Tune's
-    ``TuneReportCallback`` so every pass's metrics reach Tune)."""
+    ``TuneReportCallback`` so every pass's metrics reach Tune); ``reporters``: functions that
+    get every pass's metrics of a run in this process (``--executor``, whose ``auto`` picks
+    this process for one worker on the job's own machine unless ``callbacks`` are given)."""
     out = Path(cfg.out).resolve()
     work = Path(work_dir).resolve() if work_dir else out / PARTIAL
     name = f"run-{run_fingerprint(cfg, manifest_hash)}"
@@ -499,7 +501,7 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
     cpus = cfg.cpus_per_worker or max(1, (total_cpus - (1 if stream else 0)) // cfg.workers)
     loop_cfg, datasets = _loop_inputs(cfg, source, ids, weight, stream, max(1, int(cpus)), work)
     if not callbacks and resolve_executor(cfg, stream) == "in-process":
-        return _fit_here(cfg, loop_cfg, work, name)
+        return _fit_here(cfg, loop_cfg, work, name, reporters)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_cfg, datasets=datasets,
@@ -536,7 +538,7 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
     return metrics
 
 
-def _fit_here(cfg: TrainConfig, loop_cfg: dict, work: Path, name: str) -> dict:
+def _fit_here(cfg: TrainConfig, loop_cfg: dict, work: Path, name: str, reporters: Sequence = ()) -> dict:
     """``fit_on_ray``'s in-process path (``engine.distributed.in_process``)."""
     from engine.distributed.in_process import SUBDIR, fit_in_process
 
@@ -545,7 +547,7 @@ def _fit_here(cfg: TrainConfig, loop_cfg: dict, work: Path, name: str) -> dict:
     print(f"train: one worker in this process (--executor {cfg.executor}; checkpoints in {storage})", flush=True)
     t0 = time.time()
     hooks.fire("train.timing", phase="fit_start", epoch=None)
-    metrics, state = fit_in_process(cfg, loop_cfg, storage, name, work)
+    metrics, state = fit_in_process(cfg, loop_cfg, storage, name, work, reporters)
     hooks.fire("train.timing", phase="fit_end", epoch=None)
     save_tensors(Path(cfg.out).resolve() / "model.pt", state)
     return {**metrics, "wall_time_s": time.time() - t0, "loader": "memory", "executor": "in-process"}

@@ -1,11 +1,16 @@
-"""Sweeps on Ray Tune: a grid of retraining trials, each a Tune function that builds and fits a
-``TorchTrainer`` (``engine.distributed.train.fit_on_ray``).
+"""Sweeps on Ray Tune: a grid of retraining trials, each a Tune function that runs
+``engine.stages.train.train_stage``: in its own process when a trial is one worker on the job's
+own machine (``engine.distributed.in_process``; the trial then reserves the trial's CPUs and
+GPUs), else by fitting a ``TorchTrainer`` (``engine.distributed.train.fit_on_ray``). Trial
+actors are reused from one trial to the next (``reuse_actors``): a process, its imports and its
+loaded data serve many trials.
 
 The grid is expanded by the caller into explicit trial dicts (so that, e.g., the full-data
 baseline is not repeated for every fraction) and handed to Tune as one ``grid_search`` over
 them: Tune's own tables, the dashboard and TensorBoard show every field as ``trial/<field>``.
-Each trial's Ray Train reports reach Tune through Ray's ``TuneReportCallback``, so Tune sees
-the test accuracy after every pass, which is what ASHA stops on.
+Each trial's reports reach Tune (``tune.report`` from the in-process run, Ray's
+``TuneReportCallback`` from a TorchTrainer), so Tune sees the test accuracy after every pass,
+which is what ASHA stops on.
 
 Results live under one storage path (``<storage>/<name>``, one directory per trial named by
 its key); TensorBoard event files are written there by Tune's TBX logger. Resuming is the
@@ -43,10 +48,13 @@ def report_callbacks() -> list:
     return [TuneReportCallback()]
 
 
-def train_trial(config: dict, cfg, out: str) -> None:
+def train_trial(config: dict, cfg, out: str, executor: str = "ray-train") -> None:
     """The Tune trial function of a sweep (``engine.stages.sweep``): ``train_stage`` on the
-    trial's manifest, its Ray Train reports forwarded to Tune. A trial whose metrics.json exists
-    (an earlier run finished it) is not trained again: its final metrics are reported as they are."""
+    trial's manifest, every pass's metrics forwarded to Tune (by Ray Train's report callback, or
+    directly from a run in this trial's own process, ``executor`` in-process). A trial whose
+    metrics.json exists (an earlier run finished it) is not trained again: its final metrics are
+    reported as they are."""
+    from dataclasses import replace
     from pathlib import Path
 
     from engine import hooks
@@ -58,7 +66,11 @@ def train_trial(config: dict, cfg, out: str) -> None:
     if done is not None:
         report_to_tune({"test_accuracy": done["test_accuracy"], "passes": done["passes"], "reused": True})
         return
-    train_stage(tc, callbacks=report_callbacks())
+    tc = replace(tc, executor=executor)
+    if executor == "in-process":
+        train_stage(tc, reporters=[report_to_tune])
+    else:
+        train_stage(tc, callbacks=report_callbacks())
     hooks.fire("train.timing", phase="trial_end", epoch=None)
 
 
@@ -76,7 +88,7 @@ def trial_dir_name() -> Optional[str]:
         return None
 
 
-def concurrency(cpus_per_trial: float, gpus_per_trial: float, requested: int = 0) -> int:
+def concurrency(cpus_per_trial: float, gpus_per_trial: float, requested: int = 0, own: float = TRIAL_CPU) -> int:
     """Trials to run at once: ``requested`` if > 0, else as many as the cluster's CPUs (or
     GPUs, for GPU trials) hold. An autoscaling cluster starts with no GPU nodes: there a GPU
     sweep should say ``max_concurrent_trials`` (the GPU workers it may scale to)."""
@@ -85,22 +97,23 @@ def concurrency(cpus_per_trial: float, gpus_per_trial: float, requested: int = 0
     res = ray.cluster_resources()
     if gpus_per_trial > 0:
         return max(1, int(math.floor(res.get("GPU", 0) / gpus_per_trial)))
-    return max(1, int(math.floor(res.get("CPU", 1) / (max(cpus_per_trial, 1e-3) + TRIAL_CPU))))
+    return max(1, int(math.floor(res.get("CPU", 1) / (max(cpus_per_trial, 1e-3) + own))))
 
 
 def run_tuner(trainable: Callable[..., None], trials: Sequence[dict], *, storage: str, name: str,
               max_concurrent: int, asha: Optional[dict] = None, max_t: int = 1,
-              params: Optional[dict] = None):
+              params: Optional[dict] = None, resources: Optional[dict] = None):
     """Fit (or restore and finish) a Tuner whose trials are ``trainable({"trial": t}, **params)``
     for every ``t`` in ``trials`` (``params`` travel through the object store once, by
     ``tune.with_parameters``); ``max_concurrent`` bounds the trials that run at once.
     ``asha``: ``{"grace_period": passes, "reduction_factor": r}`` stops trials whose test
     accuracy trails (metric ``test_accuracy``, time ``training_iteration`` = passes).
-    Returns the ``ResultGrid``."""
-    # trainable reserves TRIAL_CPU only: the TorchTrainer it starts reserves its workers' resources
+    ``resources``: what a trial reserves; by default ``TRIAL_CPU`` only, the TorchTrainer it
+    starts reserving its workers' resources (a trial that trains in its own process reserves
+    the trial's CPUs and GPUs). Returns the ``ResultGrid``."""
     if params:
         trainable = tune.with_parameters(trainable, **params)
-    fn = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
+    fn = tune.with_resources(trainable, resources or {"CPU": TRIAL_CPU})
     scheduler = None
     if asha:
         scheduler = asha_scheduler(max_t, int(asha.get("grace_period", 1)), float(asha.get("reduction_factor", 2)))
@@ -108,7 +121,7 @@ def run_tuner(trainable: Callable[..., None], trials: Sequence[dict], *, storage
     tuner = tune.Tuner(
         fn,
         param_space={"trial": tune.grid_search(list(trials))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=scheduler,
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=scheduler, reuse_actors=True,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(storage_path=storage, name=name, verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=1), callbacks=callbacks),

@@ -134,7 +134,8 @@ def settled(out: Path, t: dict) -> bool:
 def _tune(cfg: SweepConfig, p: SweepPlan, out: Path) -> List[str]:
     """Tune over the trials without a result yet (all of them on a first run); a trial that
     an earlier run left unfinished resumes from its Ray Train checkpoints."""
-    from engine.distributed.tune import concurrency, run_tuner, train_trial, trial_errors
+    from engine.distributed.in_process import trial_executor
+    from engine.distributed.tune import TRIAL_CPU, concurrency, run_tuner, train_trial, trial_errors
 
     todo = [t for t in p.trials if not settled(out, t)]
     if len(todo) < len(p.trials):
@@ -142,13 +143,18 @@ def _tune(cfg: SweepConfig, p: SweepPlan, out: Path) -> List[str]:
     if not todo:
         return []
     r = cfg.resources
-    n = concurrency(float(r.cpus_per_trial), float(r.gpus_per_trial), int(r.max_concurrent_trials))
-    print(f"== tune: {len(todo)} trial(s), {n} at a time; results under {out / 'tune' / cfg.name}")
+    executor = trial_executor(p.base, int(r.workers_per_trial), p.source)
+    here = executor == "in-process"  # the trial trains in its own process: it reserves the trial's resources
+    n = concurrency(float(r.cpus_per_trial), float(r.gpus_per_trial), int(r.max_concurrent_trials),
+                    own=0.0 if here else TRIAL_CPU)
+    resources = {"CPU": float(r.cpus_per_trial), **({"GPU": float(r.gpus_per_trial)} if r.gpus_per_trial else {})} \
+        if here else None
+    print(f"== tune: {len(todo)} trial(s), {n} at a time ({executor}); results under {out / 'tune' / cfg.name}")
     asha = None if cfg.asha is None else {"grace_period": cfg.asha.grace_period,
                                           "reduction_factor": float(cfg.asha.reduction_factor)}
-    grid = run_tuner(train_trial, todo, params={"cfg": cfg, "out": str(out.resolve())},
+    grid = run_tuner(train_trial, todo, params={"cfg": cfg, "out": str(out.resolve()), "executor": executor},
                      storage=str((out / "tune").resolve()), name=cfg.name, max_concurrent=n, asha=asha,
-                     max_t=p.base.epochs)
+                     max_t=p.base.epochs, resources=resources)
     if asha:
         _mark_stopped(grid, out)
     return trial_errors(grid)

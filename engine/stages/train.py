@@ -45,10 +45,12 @@ def load_subset(cfg: TrainConfig):
     return ids, weight, len(ids), artifacts.file_hash(cfg.manifest)
 
 
-def train_stage(cfg: TrainConfig, subset: Optional[tuple] = None, callbacks: Sequence = ()) -> dict:
+def train_stage(cfg: TrainConfig, subset: Optional[tuple] = None, callbacks: Sequence = (),
+                reporters: Sequence = ()) -> dict:
     """``jobs.train``'s work: check the inputs (unless ``subset`` from ``load_subset`` is given),
     fit on Ray Train, write metrics.json; returns the metrics. Assumes a Ray session.
-    ``callbacks`` go to Ray Train (a sweep's trial passes Tune's report callback)."""
+    ``callbacks`` go to Ray Train (a sweep's trial passes Tune's report callback);
+    ``reporters`` get every pass's metrics from a run in this process (``--executor``)."""
     import shutil
 
     from engine import hooks
@@ -58,7 +60,7 @@ def train_stage(cfg: TrainConfig, subset: Optional[tuple] = None, callbacks: Seq
     ids, weight, n, manifest_hash = subset or load_subset(cfg)
     with output_dir(cfg.out, keep=(PARTIAL,)) as out:
         (out / "metrics.json").unlink(missing_ok=True)  # a stale result must not outlive a failed rerun
-        m = fit_on_ray(cfg, ids, weight, manifest_hash, callbacks=callbacks)
+        m = fit_on_ray(cfg, ids, weight, manifest_hash, callbacks=callbacks, reporters=reporters)
         source = load_source(cfg.data)
         metrics = {"test_accuracy": m["test_accuracy"], "wall_time_s": m["wall_time_s"],
                    "train_time_s": m.get("train_time_s"), "samples_seen": m["samples_seen"], "steps": m["steps"],
