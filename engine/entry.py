@@ -63,6 +63,9 @@ def _stop_cleanly_on_signals(job: str) -> Iterator[None]:
 def run(job: str, main: Callable[[Sequence[str]], None], argv: Optional[Sequence[str]] = None) -> int:
     """Run ``main(argv)`` and turn user errors into exit status 2 with one message, and SIGINT /
     SIGTERM into one line and exit status 130 / 143."""
+    from engine.console import forget_log
+
+    forget_log()
     try:
         with _stop_cleanly_on_signals(job):
             main(sys.argv[1:] if argv is None else list(argv))
@@ -78,8 +81,12 @@ def run(job: str, main: Callable[[Sequence[str]], None], argv: Optional[Sequence
         err = user_error(exc)
         if err is None:
             raise
+        from engine.console import last_log
+
         where = _log_remote_traceback(job, exc, err)
-        print(f"{job}: error: {one_line(err)}" + (f" (traceback: {where})" if where else ""), file=sys.stderr)
+        log = last_log()
+        print(f"{job}: error: {one_line(err)}" + (f" (traceback: {where})" if where else "")
+              + (f" (Ray's log: {log})" if log and getattr(err, "exit_code", 2) != 2 else ""), file=sys.stderr)
         return getattr(err, "exit_code", 2)
 
 
@@ -110,7 +117,22 @@ def entry(job: str, main: Callable[[Sequence[str]], None]) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that exits with status 2 and one line (no usage dump) on a bad flag."""
+    """argparse that exits with status 2 and one line (no usage dump) on a bad flag, and gives
+    every job ``--verbose`` (``engine.console``: Ray's own output on the console instead of the
+    run directory's ``logs/ray.log``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--verbose", action="store_true",
+                          help="show Ray's, Ray Data's, Ray Train's and Tune's own output on the console (by default "
+                               "it goes to OUT/logs/ray.log and the console shows Winnow's lines)")
+
+    def parse_args(self, args=None, namespace=None):
+        from engine import console
+
+        ns = super().parse_args(args, namespace)
+        console.set_verbose(ns.verbose)
+        return ns
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

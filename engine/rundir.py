@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import sys
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -33,8 +32,10 @@ def output_dir(path: str | Path, keep: Sequence[str] = ()) -> Iterator[Path]:
                 if child.name not in kept and child.name != LOCK_NAME:
                     shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
             if kept and not _input_error(exc):  # after bad input the one error line says it all
+                from engine.console import stderr
+
                 print(f"partial work kept in {', '.join(str(path / k) for k in kept)}; rerun the same command "
-                      f"to resume", file=sys.stderr)
+                      f"to resume", file=stderr())
             else:
                 with contextlib.suppress(OSError):
                     path.rmdir()  # unless the lock is still in it: run_lock removes both when it lets go

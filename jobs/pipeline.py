@@ -64,7 +64,8 @@ def main(argv: Sequence[str]) -> None:
 
     cfg = config_from(argv)  # every flag checked, and --out writable, before the run directory is touched
     source = check_inputs(cfg.score_config())
-    with staged_output(cfg.out) as local, run_lock(local, "jobs.pipeline"), ray_session():
+    with staged_output(cfg.out) as local, run_lock(local, "jobs.pipeline"), \
+            ray_session(log_dir=local, job="jobs.pipeline"):
         pipeline_stage(replace(cfg, out=local), fresh=build_parser().parse_args(argv).fresh, source=source)
     print(f"pipeline finished in {time.time() - t0:.0f}s; results in {cfg.out}/results.md")
 

@@ -100,7 +100,8 @@ def main(argv: Sequence[str]) -> None:
     from engine.storage import staged_output
 
     fresh = build_parser().parse_args(argv).fresh
-    with staged_output(cfg.out) as local, run_lock(local, "jobs.score"), ray_session():
+    with staged_output(cfg.out) as local, run_lock(local, "jobs.score"), \
+            ray_session(log_dir=local, job="jobs.score"):
         if fresh:
             start_fresh(Path(local))
         score_stage(replace(cfg, out=local), source)

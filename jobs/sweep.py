@@ -55,7 +55,7 @@ def main(argv: Sequence[str]) -> None:
     check_output(target, "--out")
     with staged_output(target) as local, run_lock(local, "jobs.sweep"):
         planned = plan_sweep(cfg, Path(local))  # data and models checked before Ray starts
-        with ray_session():
+        with ray_session(log_dir=local, job="jobs.sweep"):
             sweep_stage(cfg, Path(local), a.config, report=not a.no_report, planned=planned)
 
 

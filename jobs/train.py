@@ -101,7 +101,8 @@ def main(argv: Sequence[str]) -> None:
     cfg = config_from(argv)
     subset = load_subset(cfg)
     fresh = build_parser().parse_args(argv).fresh
-    with staged_output(cfg.out) as local, run_lock(local, "jobs.train"), ray_session():
+    with staged_output(cfg.out) as local, run_lock(local, "jobs.train"), \
+            ray_session(log_dir=local, job="jobs.train"):
         if fresh:
             start_fresh(Path(local), cfg.checkpoint_storage)
         train_stage(replace(cfg, out=local), subset)

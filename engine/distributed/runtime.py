@@ -12,8 +12,10 @@ import logging
 import os
 import secrets
 import stat
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import ray
@@ -115,8 +117,27 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
-                dashboard: bool = True, log_to_driver: bool = True) -> Iterator[None]:
+def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None, dashboard: bool = True,
+                log_to_driver: bool = True, log_dir: Optional[str] = None, job: str = "job") -> Iterator[None]:
+    """``_session`` (below); with ``log_dir`` (a job's run directory), what Ray and its
+    processes write to standard error goes to ``log_dir/logs/ray.log`` instead of the console,
+    unless the job runs with ``--verbose`` (``engine.console``)."""
+    if ray.is_initialized() or log_dir is None:
+        with _session(num_cpus, num_gpus, dashboard, log_to_driver):
+            yield
+        return
+    from engine.console import LOG_NAME, ray_logs_to
+
+    with ray_logs_to(Path(log_dir) / LOG_NAME, job) as log:
+        if log is not None:
+            print(f"ray: Ray's own output goes to {log} (--verbose shows it here)", flush=True)
+        with _session(num_cpus, num_gpus, dashboard, log_to_driver):
+            yield
+
+
+@contextlib.contextmanager
+def _session(num_cpus: Optional[int], num_gpus: Optional[int], dashboard: bool,
+             log_to_driver: bool) -> Iterator[None]:
     """Use the running Ray (tests share one per session), connect to ``RAY_ADDRESS``, or start
     a private local instance (loopback only, token authentication: see the module's doc); shut
     down only what this call started.
@@ -130,6 +151,7 @@ def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
     dashboard = dashboard and _dashboard_available()
     # Our workers print their own progress lines; Ray Train's print patch would echo each twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    _keep_worker_lines_as_printed()
     kwargs = dict(include_dashboard=dashboard, log_to_driver=log_to_driver, configure_logging=True,
                   logging_level="WARNING")
     if os.environ.get("RAY_ADDRESS"):
@@ -147,10 +169,27 @@ def ray_session(num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
         url = f"http://127.0.0.1:{port}"
     with private_ray_env(dashboard_url=url), _env_defaults(LOCAL_TRAIN_ENV):
         _init_keeping_signal_handlers(**kwargs)
+        if url:
+            token = os.environ.get("RAY_AUTH_TOKEN_PATH", "")
+            print(f"ray: a private local Ray; its dashboard: {url} (it asks for the token in {token})", flush=True)
         try:
             yield
         finally:
             ray.shutdown()
+
+
+def _keep_worker_lines_as_printed() -> None:
+    """The lines Winnow's workers print (a proxy's epochs, a run's passes) reach the console one
+    by one: Ray's deduplication would fold similar lines into one "[repeated 4x across
+    cluster]" (``RAY_DEDUP_LOGS``, read once when Ray is imported, so set on its module), and
+    off a terminal the prefix naming the worker carries no colour codes (``RAY_COLOR_PREFIX``;
+    a value the user set wins)."""
+    import ray._private.ray_logging as ray_logging
+
+    if "RAY_DEDUP_LOGS" not in os.environ and hasattr(ray_logging, "RAY_DEDUP_LOGS"):
+        ray_logging.RAY_DEDUP_LOGS = False
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 # Ray Train settings for a job's own single-machine Ray (a variable the user set wins). Its

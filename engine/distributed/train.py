@@ -117,6 +117,7 @@ def _train_loop(loop_cfg: dict, session=None) -> None:
                rank=rank, world=world, passes=passes, total_steps=total_steps, timing=timing, **data)
     timing("train.timing", phase="ready", epoch=None)
     start = state["epoch"] + 1
+    run["started"] = (time.time(), start)
     for epoch in range(start, passes + 1):
         timing("train.timing", phase="pass_start", epoch=epoch)
         t0 = time.time()
@@ -213,7 +214,10 @@ def _after_pass(run: dict, state: dict, epoch: int, loss: float, work_dir: Path)
     model, test, info, device = run["model"], run["test"], run["info"], run["device"]
     metrics["test_accuracy"] = evaluate(model, test, info, device)
     state["history"].append({"epoch": epoch, "train_loss": loss, "test_accuracy": metrics["test_accuracy"]})
-    print(f"train: pass {epoch}/{passes} loss {loss:.4f} test-acc {metrics['test_accuracy']:.4f}", flush=True)
+    t0, first = run["started"]
+    left = (time.time() - t0) / (epoch - first + 1) * (passes - epoch)
+    print(f"train: pass {epoch}/{passes} loss {loss:.4f} test-acc {metrics['test_accuracy']:.4f}"
+          + (f" (about {left:.0f} s left)" if epoch < passes else ""), flush=True)
     if epoch == passes:  # Result.metrics are those of the last checkpoint: the final ones ride on it
         metrics.update(_final_metrics(run["cfg"], model, test, info, device, state, passes, metrics["test_accuracy"]))
     run["timing"]("train.timing", phase="evaluated", epoch=epoch)

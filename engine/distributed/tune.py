@@ -117,13 +117,15 @@ def run_tuner(trainable: Callable[..., None], trials: Sequence[dict], *, storage
     scheduler = None
     if asha:
         scheduler = asha_scheduler(max_t, int(asha.get("grace_period", 1)), float(asha.get("reduction_factor", 2)))
-    callbacks = [ReclaimOrphanedPlacementGroups()]
+    from engine.console import verbose
+
+    callbacks = [ReclaimOrphanedPlacementGroups(), TrialProgress(len(trials), max_concurrent)]
     tuner = tune.Tuner(
         fn,
         param_space={"trial": tune.grid_search(list(trials))},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=scheduler, reuse_actors=True,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(storage_path=storage, name=name, verbose=1,
+        run_config=tune.RunConfig(storage_path=storage, name=name, verbose=1 if verbose() else 0,
                                   failure_config=tune.FailureConfig(max_failures=1), callbacks=callbacks),
     )
     # Tune's own SIGINT handler ends the run "gracefully" and returns a partial ResultGrid that
@@ -229,6 +231,41 @@ class ReclaimOrphanedPlacementGroups(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._reclaim(force=True)
+
+
+class TrialProgress(tune.Callback):
+    """Tune callback (driver side): Winnow's own line per trial that ends (its key, passes, test
+    accuracy or error), with how many are done and the sweep's ETA (the mean wall time of a
+    finished trial, times the trials left, over the trials that run at once), instead of Tune's
+    status tables (shown with ``--verbose``)."""
+
+    def __init__(self, total: int, at_once: int):
+        self.total, self.at_once = total, max(1, at_once)
+        self.done = 0
+        self.t0 = time.monotonic()
+
+    def _line(self, trial, what: str) -> None:
+        self.done += 1
+        left = self.total - self.done
+        elapsed = time.monotonic() - self.t0
+        eta = f", about {elapsed / self.done * left:.0f} s left" if left else ""
+        print(f"tune: trial {trial.config['trial']['key']} {what} ({self.done}/{self.total} done in "
+              f"{elapsed:.0f} s{eta})", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        acc = r.get("test_accuracy")
+        if acc is None:
+            what = "ended without a result"
+        elif r.get("final") or r.get("reused"):
+            what = f"test-acc {acc:.4f} after {r.get('passes', '?')} pass(es)" + (" (an earlier run's)"
+                                                                                  if r.get("reused") else "")
+        else:
+            what = f"stopped early at pass {r.get('epoch', '?')} (test-acc {acc:.4f})"
+        self._line(trial, what)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trial, "failed (its error is listed at the end)")
 
 
 def _trial_name(trial) -> str:

@@ -133,7 +133,7 @@ def _select(cfg: PipelineConfig, scores_path: Path, out: Path) -> list:
 def _retrain(train_cfg: TrainConfig, runs: list, out: Path) -> list:
     from engine.stages.train import train_stage
 
-    print(f"== stage 3/3: retraining ({len(runs)} runs on Ray Train)")
+    print(f"== stage 3/3: retraining ({len(runs)} runs)")
     rows = []
     for i, (label, frac, manifest) in enumerate(runs, 1):
         tag = Path(manifest).stem if manifest else "full"
