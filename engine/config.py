@@ -98,6 +98,30 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class AdaptiveConfig:
+    """Adaptive selection during retraining (``jobs.train --reselect-every R``): every ``every``
+    passes the selector's input (a score, or CRAIG's and GRAD-MATCH's gradient embeddings) is
+    recomputed on the current model over the whole training split, and training continues on
+    the new per-class subset with its weights (``engine.train.adaptive``)."""
+
+    every: int = 0                     # R: reselect before pass 1, 1 + R, 1 + 2R, ... (0: off)
+    selector: str = "gradmatch"        # NAME, or NAME:SCORER for a ranking selector (topk:el2n)
+    fraction: float = 0.1              # of each class, as jobs.select's --fraction
+    params: dict = field(default_factory=dict)  # the selector's own parameters (lam, offset, beta, ...)
+    warm_start: str = "none"           # "full:K": the whole training split for passes 1..K, the first selection before K+1
+
+    def validate(self) -> None:
+        check_types(self)
+        if self.every < 0:
+            raise ConfigError(f"reselect_every must be 0 (off) or more, got {self.every}")
+        if not self.every:
+            return
+        from engine.train.adaptive import check_adaptive
+
+        check_adaptive(self)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """``jobs.train``: (re)train on a manifest's subset, or on everything, with Ray Train."""
 
@@ -129,6 +153,7 @@ class TrainConfig:
     cpus_per_worker: Optional[float] = None  # CPUs each Ray Train worker reserves (None: the cluster's CPUs / workers)
     checkpoint_storage: Optional[str] = None  # Ray Train storage_path for checkpoints (None: OUT/_partial; a multi-node cluster needs shared storage, e.g. s3://...)
     optim: OptimConfig = OptimConfig()
+    adaptive: AdaptiveConfig = AdaptiveConfig()  # reselect the subset during training (off unless adaptive.every)
     out: str = "runs/train"            # run directory (metrics.json, checkpoints)
 
     def validate(self) -> None:
@@ -183,6 +208,9 @@ class TrainConfig:
         if self.cpus_per_worker is not None:
             _in_range(self, "cpus_per_worker", 0.01, 1024.0)
         self.optim.validate()
+        self.adaptive.validate()
+        if self.adaptive.every and self.loader == "ray-data":
+            raise ConfigError("--reselect-every needs the in-memory loader (each worker scores the whole training split)")
 
     @property
     def model_options(self) -> dict:

@@ -7,6 +7,37 @@ import argparse
 from jobs._cli import float_list
 
 
+def key_values(text: str) -> dict:
+    """'lam=0.5,tol=0.001' -> {"lam": 0.5, "tol": 0.001} (argparse type)."""
+    from engine.params import parse_value
+
+    out = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {item!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def add_adaptive_flags(p: argparse.ArgumentParser, d) -> None:
+    """Adaptive selection during training; ``d``: the AdaptiveConfig whose values are the defaults."""
+    p.add_argument("--reselect-every", type=int, default=d.every, metavar="R",
+                   help="adaptive selection: before pass 1, 1+R, 1+2R, ... choose the subset again on the current "
+                        "model over the whole training split (with --manifest, train on it until pass 1+R); "
+                        "0: off (default)")
+    p.add_argument("--selector", default=d.selector,
+                   help="the adaptive selector: gradmatch, craig, random, or a ranking selector with the model "
+                        "scorer it recomputes, e.g. topk:el2n, ccs:el2n, geda:grand (default %(default)s)")
+    p.add_argument("--fraction", type=float, default=d.fraction,
+                   help="adaptive: fraction of each class to train on (default %(default)s)")
+    p.add_argument("--warm-start", default=d.warm_start, metavar="full:K",
+                   help="adaptive: train on the whole training split for passes 1..K, then select before pass K+1 "
+                        "(CORDS's warm start; default %(default)s)")
+    p.add_argument("--select-params", type=key_values, default={}, metavar="NAME=VALUE,...",
+                   help="adaptive: the selector's own parameters, as jobs.select's flags, e.g. lam=0.5 or offset=0.1")
+
+
 def add_run_flags(p: argparse.ArgumentParser, d) -> None:
     """Where and how a training run executes and survives failures; ``d``: the TrainConfig
     whose values are the defaults."""

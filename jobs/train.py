@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from engine.config import TrainConfig
+from engine.config import AdaptiveConfig, TrainConfig
 from jobs._cli import (
     Parser,
     add_data_flags,
@@ -32,7 +32,7 @@ from jobs._cli import (
     optim_from,
     start_fresh,
 )
-from jobs._train_flags import add_eval_flags, add_run_flags
+from jobs._train_flags import add_adaptive_flags, add_eval_flags, add_run_flags
 
 
 def build_parser() -> Parser:
@@ -72,6 +72,7 @@ def build_parser() -> Parser:
                         "(explicit --beta / --bn-gamma override the paper's defaults)")
     add_eval_flags(p, d)
     add_run_flags(p, d)
+    add_adaptive_flags(p, d.adaptive)
     p.add_argument("--out", default=d.out, help="run directory for metrics.json and model.pt")
     add_optim_flags(p)
     add_fresh_flag(p)
@@ -87,7 +88,10 @@ def config_from(argv: Sequence[str]) -> TrainConfig:
         from engine.models.lcnn import lcnn_options
 
         model.update(lcnn_options(a.beta, a.bn_gamma))
-    return config_from_args(TrainConfig, a, data=data_spec(a), pgd_eps=tuple(a.pgd_eps), optim=optim_from(a), **model)
+    adaptive = AdaptiveConfig(every=a.reselect_every, selector=a.selector, fraction=a.fraction, params=a.select_params,
+                              warm_start=a.warm_start)
+    return config_from_args(TrainConfig, a, data=data_spec(a), pgd_eps=tuple(a.pgd_eps), optim=optim_from(a),
+                            adaptive=adaptive, **model)
 
 
 def main(argv: Sequence[str]) -> None:

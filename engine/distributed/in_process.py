@@ -143,8 +143,7 @@ def fit_in_process(cfg: TrainConfig, loop_cfg: dict, storage: str, name: str, wo
                    reporters: Sequence[Callable[[dict], None]] = ()) -> dict:
     """Run ``_train_loop`` here with an ``InProcessSession`` (restarting from the newest
     checkpoint after an error, at most ``cfg.max_failures`` times). Returns the final metrics
-    and the final weights' state dict."""
-    from engine.artifacts import load_tensors
+    and the final checkpoint's directory."""
     from engine.distributed.train import _raise_run_failed, _train_loop, check_checkpoints
     from engine.errors import user_error
 
@@ -167,5 +166,4 @@ def fit_in_process(cfg: TrainConfig, loop_cfg: dict, storage: str, name: str, wo
         torch.set_num_threads(threads)
         torch.set_rng_state(rng[0])
         np.random.set_state(rng[1])
-    metrics, path = session.last
-    return metrics, load_tensors(path / "model.pt", "the trained model")
+    return session.last

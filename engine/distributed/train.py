@@ -87,7 +87,8 @@ def _train_loop(loop_cfg: dict, session=None) -> None:
     """Runs in every Ray Train worker (or, given ``session``, in the job's process): the passes
     from the last checkpoint on, rank 0 evaluating and checkpointing after each."""
     from engine.models import build_model
-    from engine.train import epoch_plan, make_optimizer, seed_everything
+    from engine.train import make_optimizer, seed_everything
+    from engine.train.adaptive import adaptive_plan, warm_passes
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own line per pass is enough
     cfg: TrainConfig = loop_cfg["cfg"]
@@ -104,13 +105,14 @@ def _train_loop(loop_cfg: dict, session=None) -> None:
     model = build_model(cfg.model, info.image_shape[2], info.num_classes, info.image_shape[0], **cfg.model_options)
     model = session.prepare(model)
     device = session.device()
-    passes, total_steps = epoch_plan(data["rows"], cfg.optim.batch_size * world, cfg.epochs, cfg.budget,
-                                     data["full_rows"])
+    passes, total_steps = adaptive_plan(data["rows"], cfg.optim.batch_size * world, cfg.epochs, cfg.budget,
+                                        data["full_rows"], warm_passes(cfg.adaptive.warm_start))
     opt, sched = make_optimizer(model, cfg.optim, total_steps)
     penalty = _penalty(cfg, info)
     checkpoint = session.checkpoint()
     state = _restore(checkpoint, model, opt, sched, rank, passes)
-    if device.type == "cuda" and not data["stream"] and data["transform"] == "none":  # augmentation runs on the host
+    if device.type == "cuda" and not data["stream"] and data["transform"] == "none" and not cfg.adaptive.every:
+        # augmentation runs on the host; an adaptive run's subsets are taken from the host's split
         data["train"] = _to_device(data["train"], device)
         _warm_up(model, data["train"], info, device, penalty)
     run = dict(session=session, cfg=cfg, source=source, info=info, model=model, opt=opt, sched=sched, device=device, penalty=penalty,
@@ -118,7 +120,11 @@ def _train_loop(loop_cfg: dict, session=None) -> None:
     timing("train.timing", phase="ready", epoch=None)
     start = state["epoch"] + 1
     run["started"] = (time.time(), start)
+    if state.get("selections"):  # resumed: the subset of the last selection before the checkpoint
+        _use_selection(run, state["selections"][-1])
     for epoch in range(start, passes + 1):
+        if cfg.adaptive.every:
+            _maybe_reselect(run, state, epoch)
         timing("train.timing", phase="pass_start", epoch=epoch)
         t0 = time.time()
         steps, seen, loss = _one_pass(run, epoch, total_steps - state["steps"])
@@ -129,16 +135,53 @@ def _train_loop(loop_cfg: dict, session=None) -> None:
         state["epoch"] = epoch
         _after_pass(run, state, epoch, loss, Path(loop_cfg["work_dir"]))
     if state["epoch"] == passes and checkpoint is not None and start == passes + 1:
-        # resumed from the last pass's checkpoint (the run died after it): report the final metrics again
-        if rank == 0:
-            from engine.train import evaluate
-
-            acc = evaluate(model, data["test"], info, device)
-            _report_with_checkpoint(session, _final_metrics(cfg, model, data["test"], info, device, state, passes,
-                                                            acc), model, opt, sched, state)
-        else:
-            session.report({"final": True})
+        _report_again(run, state)
     timing("train.timing", phase="loop_end", epoch=None)
+
+
+def _report_again(run: dict, state: dict) -> None:
+    """The run resumed from its last pass's checkpoint (it died after it): report the final
+    metrics again."""
+    if run["rank"] != 0:
+        run["session"].report({"final": True})
+        return
+    from engine.train import evaluate
+
+    model, test, info, device = run["model"], run["test"], run["info"], run["device"]
+    acc = evaluate(model, test, info, device)
+    _report_with_checkpoint(run["session"], _final_metrics(run["cfg"], model, test, info, device, state, run["passes"],
+                                                           acc), model, run["opt"], run["sched"], state)
+
+
+def _maybe_reselect(run: dict, state: dict, epoch: int) -> None:
+    """Adaptive selection (``engine.train.adaptive``): before the passes it is due for, choose
+    the subset again on the current model and train on it from this pass on; the selection is
+    kept in ``state`` (and so in the checkpoints: a resumed run trains on the same subsets)."""
+    from engine.train.adaptive import due, reselect, warm_passes
+
+    cfg = run["cfg"]
+    if not due(cfg.adaptive.every, epoch, run["from_manifest"], warm_passes(cfg.adaptive.warm_start)):
+        return
+    previous = state["selections"][-1]["ids"].numpy() if state["selections"] else \
+        (np.asarray(run["train"].sample_id) if run["from_manifest"] else None)
+    r = reselect(_unwrap(run["model"]), run["full"], run["info"], run["device"], cfg.adaptive, cfg.seed, epoch,
+                 previous)
+    chosen = {"epoch": epoch, "ids": torch.as_tensor(r.ids), "weight": torch.as_tensor(r.weight)}
+    state["selections"].append(chosen)
+    state["reselections"].append(r.record)
+    state["selection_time_s"] += r.record["scoring_s"] + r.record["solving_s"]
+    _use_selection(run, chosen)
+    if run["rank"] == 0:
+        overlap = "" if r.record["overlap"] is None else f", {r.record['overlap']:.0%} kept"
+        print(f"train: selected {len(r.ids)} of {len(run['full'])} samples before pass {epoch} ({cfg.adaptive.selector}; "
+              f"scoring {r.record['scoring_s']:.1f} s, solving {r.record['solving_s']:.1f} s{overlap})", flush=True)
+
+
+def _use_selection(run: dict, chosen: dict) -> None:
+    """Train on ``chosen`` from now on, its weights normalised as a manifest's (``_worker_data``)."""
+    run["train"] = run["full"].subset(chosen["ids"].numpy())
+    weight = chosen["weight"].numpy().astype(np.float64)
+    run["weight"] = weight / weight.mean()
 
 
 def _worker_data(cfg: TrainConfig, loop_cfg: dict, source, rank: int) -> dict:
@@ -150,29 +193,37 @@ def _worker_data(cfg: TrainConfig, loop_cfg: dict, source, rank: int) -> dict:
     if stream:  # rows arrive from this worker's Ray Data shard; counts come from the driver
         train, n_rows, full_n = None, loop_cfg["rows"], loop_cfg["full_rows"]
     else:
-        train = source.arrays("train")
+        train = full = source.arrays("train")
         full_n = len(train)
         if loop_cfg.get("ids") is not None:
             train = train.subset(loop_cfg["ids"])
             weight = np.asarray(loop_cfg["weight"], dtype=np.float64)
             weight = weight / weight.mean()
         n_rows = len(train)
+        if cfg.adaptive.every and loop_cfg.get("ids") is None:  # chosen before pass 1: its planned size
+            from engine.select.quota import class_quotas
+
+            n_rows = int(class_quotas(np.bincount(np.asarray(full.label)), cfg.adaptive.fraction).sum())
     test = None if rank != 0 else StreamedSplit(source, "test") if stream else source.arrays("test")
     return {"stream": stream, "train": train, "rows": n_rows, "full_rows": full_n, "weight": weight, "test": test,
-            "transform": cfg.train_transform or source.info().train_transform}
+            "transform": cfg.train_transform or source.info().train_transform,
+            "full": None if stream or not cfg.adaptive.every else full,
+            "from_manifest": loop_cfg.get("ids") is not None}
 
 
 def _restore(checkpoint, model, opt, sched, rank: int, passes: int) -> dict:
     """The run's counters, with model, optimizer, scheduler and RNG loaded from ``checkpoint``
     (a restart or a rerun), or fresh ones."""
     if checkpoint is None:
-        return {"epoch": 0, "steps": 0, "samples_seen": 0, "train_time_s": 0.0, "history": [], "restarts": 0}
+        return {"epoch": 0, "steps": 0, "samples_seen": 0, "train_time_s": 0.0, "history": [], "restarts": 0,
+                "selections": [], "reselections": [], "selection_time_s": 0.0}
     saved = _load_training_state(checkpoint, rank)
     _unwrap(model).load_state_dict(saved["model"])
     opt.load_state_dict(saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
-    state = {**saved["counters"], "restarts": saved["counters"].get("restarts", 0) + 1}
+    state = {"selections": [], "reselections": [], "selection_time_s": 0.0,
+             **saved["counters"], "restarts": saved["counters"].get("restarts", 0) + 1}
     if rank == 0:
         print(f"train: resuming after pass {state['epoch']}/{passes} from its checkpoint", flush=True)
     return state
@@ -357,6 +408,8 @@ def _report_with_checkpoint(session, metrics: dict, model, opt, sched, state: di
 def _final_metrics(cfg, model, test, info, device, state, passes, accuracy) -> dict:
     final = {"final": True, "passes": passes, "test_accuracy": accuracy, "history": list(state["history"]),
              **{k: state[k] for k in ("steps", "samples_seen", "train_time_s", "restarts")}}
+    if cfg.adaptive.every:
+        final.update(reselections=list(state["reselections"]), selection_time_s=state["selection_time_s"])
     final.update(_final_eval(cfg, _unwrap(model), test, info, device))
     return final
 
@@ -534,8 +587,7 @@ def fit_on_ray(cfg: TrainConfig, ids: Optional[np.ndarray], weight: Optional[np.
         _raise_run_failed(result.error, cfg, work)
     metrics = dict(result.metrics or {})
     with result.checkpoint.as_directory() as d:
-        state = load_tensors(os.path.join(d, "model.pt"), "the trained model")
-    save_tensors(out / "model.pt", state)
+        keep_outputs(Path(d), out, cfg)
     metrics["wall_time_s"] = wall
     metrics["loader"] = "ray-data" if stream else "memory"
     metrics["executor"] = "ray-train"
@@ -551,10 +603,26 @@ def _fit_here(cfg: TrainConfig, loop_cfg: dict, work: Path, name: str, reporters
     print(f"train: one worker in this process (--executor {cfg.executor}; checkpoints in {storage})", flush=True)
     t0 = time.time()
     hooks.fire("train.timing", phase="fit_start", epoch=None)
-    metrics, state = fit_in_process(cfg, loop_cfg, storage, name, work, reporters)
+    metrics, checkpoint_dir = fit_in_process(cfg, loop_cfg, storage, name, work, reporters)
     hooks.fire("train.timing", phase="fit_end", epoch=None)
-    save_tensors(Path(cfg.out).resolve() / "model.pt", state)
+    keep_outputs(checkpoint_dir, Path(cfg.out).resolve(), cfg)
     return {**metrics, "wall_time_s": time.time() - t0, "loader": "memory", "executor": "in-process"}
+
+
+def keep_outputs(checkpoint_dir: Path, out: Path, cfg: TrainConfig) -> None:
+    """From a run's final checkpoint: ``OUT/model.pt``, and for an adaptive run each selection
+    as a manifest ``OUT/selections/pass-NNN.parquet`` (the subset trained on from that pass)."""
+    save_tensors(out / "model.pt", load_tensors(checkpoint_dir / "model.pt", "the trained model"))
+    if not cfg.adaptive.every:
+        return
+    from engine import artifacts
+
+    counters = load_tensors(checkpoint_dir / "state.pt", STATE)["counters"]
+    for chosen, record in zip(counters["selections"], counters["reselections"]):
+        meta = {"kind": "manifest", "adaptive": True, **record, "fraction": cfg.adaptive.fraction,
+                "params": cfg.adaptive.params, "seed": cfg.seed, "environment": artifacts.environment()}
+        artifacts.write_manifest(out / "selections" / f"pass-{record['epoch']:03d}.parquet", chosen["ids"].numpy(),
+                                 chosen["weight"].numpy(), meta)
 
 
 def _drop_other_runs(work: Path, name: str) -> None:

@@ -12,7 +12,7 @@ from engine import artifacts
 from engine.config import TrainConfig, to_dict
 from engine.data import load_source
 from engine.data.transforms import transforms_of
-from engine.errors import DataError
+from engine.errors import ConfigError, DataError
 from engine.models import check_model_name
 from engine.rundir import output_dir, report_skipped
 
@@ -35,6 +35,8 @@ def load_subset(cfg: TrainConfig):
     # unique integer ids and labels in range, from the listing or the id columns: no image is decoded
     known, _ = source.ids_and_labels("train")
     source.ids_and_labels("test")
+    if cfg.adaptive.every and cfg.adaptive.warm_start != "none" and cfg.manifest is not None:
+        raise ConfigError("--warm-start and --manifest both say what the first passes train on: give one")
     if cfg.manifest is None:
         return None, None, len(known), None
     ids, weight, _ = artifacts.read_manifest(cfg.manifest)
@@ -67,6 +69,7 @@ def train_stage(cfg: TrainConfig, subset: Optional[tuple] = None, callbacks: Seq
                    "passes": m["passes"], "train_size": n, "epochs": cfg.epochs, "budget": cfg.budget,
                    "weighting": cfg.weighting if cfg.manifest else None, "restarts": m.get("restarts", 0),
                    "loader": m.get("loader"), "executor": m.get("executor"),
+                   **(adaptive_accounting(cfg, m, source.num_rows("train")) if cfg.adaptive.every else {}),
                    "history": m.get("history", []), "geometry": m.get("geometry"),
                    "robust_accuracy": m.get("robust_accuracy"), "data": cfg.data,
                    "data_rows": {"train": source.num_rows("train"), "test": source.num_rows("test")},
@@ -82,4 +85,20 @@ def train_stage(cfg: TrainConfig, subset: Optional[tuple] = None, callbacks: Seq
     return metrics
 
 
-__all__ = ["load_subset", "train_stage"]
+def adaptive_accounting(cfg: TrainConfig, m: dict, full_rows: int) -> dict:
+    """An adaptive run's bill: every reselection (pass, size, overlap with the subset it
+    replaced, seconds spent recomputing the selector's input over the whole training split and
+    solving) and the totals: training and selection seconds, their sum, and the samples seen
+    against a full-data run of the same epochs (``full_rows`` x epochs)."""
+    recs = list(m.get("reselections", []))
+    scoring = float(sum(r["scoring_s"] for r in recs))
+    solving = float(sum(r["solving_s"] for r in recs))
+    train_s = float(m.get("train_time_s") or 0.0)
+    full = int(full_rows) * int(cfg.epochs)
+    return {"reselections": recs, "selection_time_s": scoring + solving, "selection_scoring_s": scoring,
+            "selection_solving_s": solving, "cost_s": train_s + scoring + solving,
+            "selection_share": (scoring + solving) / train_s if train_s else None,
+            "full_data_samples": full, "samples_vs_full": m["samples_seen"] / full if full else None}
+
+
+__all__ = ["adaptive_accounting", "load_subset", "train_stage"]

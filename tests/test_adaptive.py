@@ -1,0 +1,233 @@
+"""Adaptive selection during retraining (``jobs.train --reselect-every R``): the schedule, the
+reselection against the offline selectors on the same inputs, and end to end on digits: R past
+the last pass equals the offline run on the same subset exactly, reselections land on the right
+passes with their records, a fixed seed repeats every selection and weight, and a failure
+between two reselections resumes to the same selections and weights."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import artifacts
+from engine.config import AdaptiveConfig, TrainConfig
+from engine.data import load_source
+from engine.errors import ConfigError
+from engine.train.adaptive import due, reselect, selection_seed, selector_input
+from jobs import train
+
+DATA = "digits"
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu")
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+
+
+def test_the_schedule_and_the_seeds():
+    assert [e for e in range(1, 11) if due(3, e, False)] == [1, 4, 7, 10]
+    assert [e for e in range(1, 11) if due(3, e, True)] == [4, 7, 10]  # a manifest serves until pass 1 + R
+    assert [e for e in range(1, 6) if due(10, e, False)] == [1]
+    assert not any(due(0, e, False) for e in range(1, 6))
+    assert selection_seed(0, 1) != selection_seed(0, 4) != selection_seed(1, 1)
+    assert selection_seed(3, 7) == selection_seed(3, 7)
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"selector": "topk:forgetting"}, "'forgetting' on the current model, and it is not a model scorer"),
+    ({"selector": "nosuch"}, "nosuch"),
+    ({"selector": "ccs:el2n", "params": {"mislabel": "el2n"}}, "its parameter mislabel names a score column"),
+    ({"params": {"lam": -1}}, "lam"),
+    ({"params": {"bogus": 1}}, "bogus"),
+    ({"fraction": 1.5}, "fraction"),
+    ({"every": -1}, "reselect_every must be 0 (off) or more"),
+])
+def test_bad_adaptive_settings_are_refused(changes, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        TrainConfig(adaptive=AdaptiveConfig(**{"every": 2, **changes})).validate()
+    assert needle in str(e.value)
+
+
+def test_ray_data_loader_is_refused():
+    with pytest.raises(ConfigError, match="needs the in-memory loader"):
+        TrainConfig(loader="ray-data", adaptive=AdaptiveConfig(every=2)).validate()
+
+
+def _model_and_data(seed: int = 0):
+    from engine.models import build_model
+    from engine.train import seed_everything
+
+    src = load_source(DATA)
+    info = src.info()
+    seed_everything(seed)
+    model = build_model("small-cnn", info.image_shape[2], info.num_classes, info.image_shape[0])
+    return model, src.arrays("train"), info
+
+
+@pytest.mark.parametrize("selector, params", [("topk:el2n", {}), ("gradmatch", {"lam": 0.5}), ("craig", {}),
+                                              ("ccs:grand", {"beta": 0.1}), ("random", {})])
+def test_a_reselection_is_the_offline_selector_on_the_recomputed_input(selector, params):
+    """The same selector on the same input (recomputed by ``selector_input``, checked against
+    the scorers below), over the rows sorted by sample_id, gives the same ids and weights: the
+    labels, the order, the seed of the pass and the parameters are wired as jobs.select's are;
+    per-class quotas hold."""
+    from engine.select import SELECTORS, parse_selection
+
+    model, full, info = _model_and_data()
+    cfg = AdaptiveConfig(every=2, selector=selector, fraction=0.2, params=params)
+    r = reselect(model, full, info, torch.device("cpu"), cfg, seed=5, epoch=3)
+    name, column = parse_selection(selector)
+    order = np.argsort(full.sample_id)
+    values = selector_input(model, full, info, torch.device("cpu"), SELECTORS[name].reads, column)
+    values = None if values is None else values[order]
+    sel = SELECTORS[name](values, full.label[order].astype(np.int64), 0.2, seed=selection_seed(5, 3), **params)
+    np.testing.assert_array_equal(r.ids, full.sample_id[order][sel.index])
+    np.testing.assert_array_equal(r.weight, sel.weight)
+    assert r.record["epoch"] == 3 and r.record["size"] == len(r.ids) and r.record["overlap"] is None
+    assert r.record["scoring_s"] >= 0 and r.record["solving_s"] >= 0
+    counts = np.bincount(full.label[np.isin(full.sample_id, r.ids)], minlength=10)
+    assert counts.min() >= 1 and len(r.ids) <= round(0.2 * len(full)) + 10
+    assert model.training  # the model's mode is left as it was
+
+
+def test_selector_input_matches_the_scorer_batch_by_batch():
+    from engine.scores import SCORERS
+    from engine.train import batch_to_input
+
+    model, full, info = _model_and_data(1)
+    got = selector_input(model, full, info, torch.device("cpu"), "score", "el2n", batch_size=100)
+    x = batch_to_input(full.image, info, torch.device("cpu"))
+    y = torch.as_tensor(full.label).long()
+    want = SCORERS["el2n"](model, x, y).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    from engine.scores.embeddings import grad_embedding
+
+    got = selector_input(model, full, info, torch.device("cpu"), "embeddings", None, batch_size=100)
+    np.testing.assert_allclose(got, grad_embedding(model, x, y).double().numpy(), rtol=1e-4, atol=1e-6)
+    assert selector_input(model, full, info, torch.device("cpu"), "nothing", None) is None
+
+
+def _train(run_job, out, *extra):
+    return run_job(train, ["--data", DATA, "--batch-size", "128", "--out", out, *extra])
+
+
+def _adaptive(run_job, out, epochs, every, *extra):
+    return _train(run_job, out, "--epochs", str(epochs), "--reselect-every", str(every), "--fraction", "0.3", *extra)
+
+
+def test_r_past_the_last_pass_is_the_offline_run_on_the_same_subset(ray_local, run_job, tmp_path):
+    code, stdout, err = _adaptive(run_job, tmp_path / "a", 3, 5, "--selector", "gradmatch")
+    assert code == 0, err
+    assert "train: selected" in stdout and "before pass 1 (gradmatch" in stdout
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert [r["epoch"] for r in m["reselections"]] == [1]
+    manifest = tmp_path / "a" / "selections" / "pass-001.parquet"
+    ids, weight, meta = artifacts.read_manifest(manifest)
+    assert meta["adaptive"] and meta["epoch"] == 1 and len(ids) == m["reselections"][0]["size"]
+    assert not np.allclose(weight, 1.0)  # GRAD-MATCH weights its picks
+    code, _, err = _train(run_job, tmp_path / "b", "--epochs", "3", "--manifest", manifest)
+    assert code == 0, err
+    offline = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert offline["test_accuracy"] == m["test_accuracy"] and offline["steps"] == m["steps"]
+    _same_weights(tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt")
+
+
+def test_reselections_land_on_their_passes_and_repeat_with_the_seed(ray_local, run_job, tmp_path):
+    for run in ("one", "two"):
+        code, stdout, err = _adaptive(run_job, tmp_path / run, 5, 2, "--selector", "topk:el2n", "--seed", "3")
+        assert code == 0, err
+    m = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert [r["epoch"] for r in m["reselections"]] == [1, 3, 5]
+    assert m["reselections"][0]["overlap"] is None and 0 <= m["reselections"][1]["overlap"] <= 1
+    assert m["selection_time_s"] == pytest.approx(sum(r["scoring_s"] + r["solving_s"] for r in m["reselections"]))
+    assert m["cost_s"] == pytest.approx(m["train_time_s"] + m["selection_time_s"])
+    n = load_source(DATA).num_rows("train")
+    assert m["full_data_samples"] == 5 * n and m["samples_vs_full"] == pytest.approx(m["samples_seen"] / (5 * n))
+    sizes = {r["size"] for r in m["reselections"]}
+    assert len(sizes) == 1 and m["samples_seen"] == 5 * sizes.pop()  # topk keeps each class's quota
+    assert m["config"]["adaptive"] == {"every": 2, "selector": "topk:el2n", "fraction": 0.3, "params": {},
+                                       "warm_start": "none"}
+    files = sorted(p.name for p in (tmp_path / "one" / "selections").iterdir())
+    assert files == ["pass-001.parquet", "pass-003.parquet", "pass-005.parquet"]
+    first, _, _ = artifacts.read_manifest(tmp_path / "one" / "selections" / "pass-001.parquet")
+    later, _, _ = artifacts.read_manifest(tmp_path / "one" / "selections" / "pass-005.parquet")
+    assert not np.array_equal(first, later)  # the ranking moved with the model
+    for f in files:
+        a, wa, _ = artifacts.read_manifest(tmp_path / "one" / "selections" / f)
+        b, wb, _ = artifacts.read_manifest(tmp_path / "two" / "selections" / f)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(wa, wb)
+    _same_weights(tmp_path / "one" / "model.pt", tmp_path / "two" / "model.pt")
+
+
+@pytest.fixture
+def drills_here():
+    from engine import hooks
+
+    hooks.install("tests.drills")
+    yield
+    hooks.uninstall_all()
+
+
+@pytest.mark.parametrize("executor", ["in-process", pytest.param("ray-train", marks=pytest.mark.slow)])
+def test_a_failure_between_reselections_resumes_to_the_same_selections_and_weights(ray_local, run_job, tmp_path,
+                                                                                    drills_here, executor):
+    """The loop fails after pass 1's checkpoint (between the selections before passes 1 and 3)
+    and restarts from it (in this process; or Ray Train's worker dies and its group restarts): the selection of pass 1 comes back from the checkpoint, the one of
+    pass 3 is made again on the restored model, and all ends as in the uninterrupted run."""
+    extra = ("--selector", "random", "--seed", "2")
+    code, _, err = _adaptive(run_job, tmp_path / "clean", 4, 2, *extra)
+    assert code == 0, err
+    chaos = tmp_path / "chaos"
+    (chaos / "_partial").mkdir(parents=True)
+    (chaos / "_partial" / "chaos-fail-worker").touch()
+    code, stdout, err = _adaptive(run_job, chaos, 4, 2, *extra, "--executor", executor)
+    assert code == 0, err
+    assert executor == "ray-train" or "restarting from its last checkpoint" in stdout
+    m = json.loads((chaos / "metrics.json").read_text())
+    assert m["restarts"] == 1 and [r["epoch"] for r in m["reselections"]] == [1, 3]
+    for f in ("pass-001.parquet", "pass-003.parquet"):
+        a, _, _ = artifacts.read_manifest(tmp_path / "clean" / "selections" / f)
+        b, _, _ = artifacts.read_manifest(chaos / "selections" / f)
+        np.testing.assert_array_equal(a, b)
+    _same_weights(tmp_path / "clean" / "model.pt", chaos / "model.pt")
+
+
+def test_a_full_data_warm_start_trains_on_everything_first(ray_local, run_job, tmp_path):
+    """--warm-start full:2 with R = 2 over 4 passes: passes 1-2 on the whole split, the first
+    selection before pass 3, passes 3-4 on it; the steps are planned for exactly that."""
+    import math
+
+    code, stdout, err = _adaptive(run_job, tmp_path / "w", 4, 2, "--selector", "random", "--warm-start", "full:2")
+    assert code == 0, err
+    m = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    n = load_source(DATA).num_rows("train")
+    [r] = m["reselections"]
+    assert r["epoch"] == 3 and "before pass 3 (random" in stdout
+    assert m["samples_seen"] == 2 * n + 2 * r["size"]
+    assert m["steps"] == 2 * math.ceil(n / 128) + 2 * math.ceil(r["size"] / 128)
+    code, _, err = _adaptive(run_job, tmp_path / "x", 4, 2, "--warm-start", "full:2", "--manifest",
+                             tmp_path / "w" / "selections" / "pass-003.parquet")
+    assert code == 2 and "--warm-start and --manifest both say what the first passes train on" in err
+
+
+def test_adaptive_plan_counts_the_warm_passes():
+    from engine.train import epoch_plan
+    from engine.train.adaptive import adaptive_plan, warm_passes
+
+    assert adaptive_plan(300, 100, 4, "epochs", 1000, 0) == epoch_plan(300, 100, 4, "epochs", 1000)
+    assert adaptive_plan(300, 100, 4, "epochs", 1000, 1) == (4, 10 + 3 * 3)
+    assert adaptive_plan(300, 100, 4, "steps", 1000, 2) == (2 + 7, 40)  # 20 steps left, 3 a pass
+    assert warm_passes("none") == 0 and warm_passes("full:3") == 3
+    for bad in ("full:0", "geda", "full:x", "half:2"):
+        with pytest.raises(ConfigError, match="warm_start must be"):
+            warm_passes(bad)
