@@ -231,3 +231,30 @@ def test_adaptive_plan_counts_the_warm_passes():
     for bad in ("full:0", "geda", "full:x", "half:2"):
         with pytest.raises(ConfigError, match="warm_start must be"):
             warm_passes(bad)
+
+
+def test_the_classes_solved_as_ray_tasks_select_what_the_builtin_map_does(ray_local):
+    from engine.distributed.runtime import task_map
+
+    model, full, info = _model_and_data(4)
+    cfg = AdaptiveConfig(every=1, selector="gradmatch", fraction=0.2)
+    a = reselect(model, full, info, torch.device("cpu"), cfg, seed=1, epoch=1)
+    b = reselect(model, full, info, torch.device("cpu"), cfg, seed=1, epoch=1, mapper=task_map)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.weight, b.weight)
+
+
+def test_data_parallel_workers_share_the_recomputation_and_train_on_one_selection(ray_local, run_job, tmp_path):
+    """Two Ray Train workers each recompute half of the rows' input, exchange them, and rank 0's
+    selection is everyone's: the run's selections are those a single worker makes from the
+    same initial model (pass 1), and it trains to the end with a selection on every due pass."""
+    extra = ("--selector", "topk:el2n", "--seed", "4", "--executor", "ray-train")
+    code, _, err = _adaptive(run_job, tmp_path / "two", 3, 2, *extra, "--workers", "2", "--cpus-per-worker", "1")
+    assert code == 0, err
+    code, _, err = _adaptive(run_job, tmp_path / "one", 3, 2, *extra)
+    assert code == 0, err
+    m = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert [r["epoch"] for r in m["reselections"]] == [1, 3] and m["passes"] == 3
+    a, _, _ = artifacts.read_manifest(tmp_path / "two" / "selections" / "pass-001.parquet")
+    b, _, _ = artifacts.read_manifest(tmp_path / "one" / "selections" / "pass-001.parquet")
+    assert len(a) == len(b) and np.isin(a, b).mean() >= 0.99  # the same model, scored in other batches

@@ -147,7 +147,9 @@ def _report_again(run: dict, state: dict) -> None:
         return
     from engine.train import evaluate
 
-    model, test, info, device = run["model"], run["test"], run["info"], run["device"]
+    # rank 0 evaluates alone: through DDP's wrapper each forward would broadcast the BatchNorm
+    # buffers to workers that are not evaluating, and wait for them for ever
+    model, test, info, device = _unwrap(run["model"]), run["test"], run["info"], run["device"]
     acc = evaluate(model, test, info, device)
     _report_with_checkpoint(run["session"], _final_metrics(run["cfg"], model, test, info, device, state, run["passes"],
                                                            acc), model, run["opt"], run["sched"], state)
@@ -164,8 +166,14 @@ def _maybe_reselect(run: dict, state: dict, epoch: int) -> None:
         return
     previous = state["selections"][-1]["ids"].numpy() if state["selections"] else \
         (np.asarray(run["train"].sample_id) if run["from_manifest"] else None)
-    r = reselect(_unwrap(run["model"]), run["full"], run["info"], run["device"], cfg.adaptive, cfg.seed, epoch,
-                 previous)
+    if run["world"] > 1:  # each worker recomputes its share of the input; rank 0 solves, everyone trains on it
+        r = _shared_reselection(run, epoch, previous)
+    else:  # alone: the selector's classes as Ray tasks on the CPUs this process leaves idle meanwhile
+        from engine.distributed.runtime import task_map
+
+        mapper = task_map if run["session"].in_process and ray.is_initialized() else map
+        r = reselect(_unwrap(run["model"]), run["full"], run["info"], run["device"], cfg.adaptive, cfg.seed, epoch,
+                     previous, mapper=mapper)
     chosen = {"epoch": epoch, "ids": torch.as_tensor(r.ids), "weight": torch.as_tensor(r.weight)}
     state["selections"].append(chosen)
     state["reselections"].append(r.record)
@@ -175,6 +183,39 @@ def _maybe_reselect(run: dict, state: dict, epoch: int) -> None:
         overlap = "" if r.record["overlap"] is None else f", {r.record['overlap']:.0%} kept"
         print(f"train: selected {len(r.ids)} of {len(run['full'])} samples before pass {epoch} ({cfg.adaptive.selector}; "
               f"scoring {r.record['scoring_s']:.1f} s, solving {r.record['solving_s']:.1f} s{overlap})", flush=True)
+
+
+class _Gather:
+    """Data-parallel workers exchange their shares of the selector's input (gloo/NCCL
+    all_gather of Python objects; the shares are small next to the images)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def __call__(self, positions: np.ndarray, values):
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, (positions, values))
+        if parts[0][1] is None:
+            return None
+        n = sum(len(p) for p, _ in parts)
+        out = np.empty((n, *np.shape(parts[0][1])[1:]), dtype=np.float64)
+        for p, v in parts:
+            out[p] = v
+        return out
+
+
+def _shared_reselection(run: dict, epoch: int, previous):
+    """``reselect`` over ``world`` workers: every worker recomputes its share of the input, the
+    shares are exchanged, rank 0 runs the selector and broadcasts the selection, so every
+    worker trains on the same subset whatever its floating-point luck."""
+    from engine.train.adaptive import reselect
+
+    cfg = run["cfg"]
+    r = reselect(_unwrap(run["model"]), run["full"], run["info"], run["device"], cfg.adaptive, cfg.seed, epoch,
+                 previous, gather=_Gather(run["rank"], run["world"]), solve=run["rank"] == 0)
+    box = [r]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _use_selection(run: dict, chosen: dict) -> None:
@@ -262,7 +303,9 @@ def _after_pass(run: dict, state: dict, epoch: int, loss: float, work_dir: Path)
     if run["rank"] != 0:
         run["session"].report(metrics)
         return
-    model, test, info, device = run["model"], run["test"], run["info"], run["device"]
+    # rank 0 evaluates alone: through DDP's wrapper each forward would broadcast the BatchNorm
+    # buffers to workers that are not evaluating, and wait for them for ever
+    model, test, info, device = _unwrap(run["model"]), run["test"], run["info"], run["device"]
     metrics["test_accuracy"] = evaluate(model, test, info, device)
     state["history"].append({"epoch": epoch, "train_loss": loss, "test_accuracy": metrics["test_accuracy"]})
     t0, first = run["started"]

@@ -19,9 +19,10 @@ keeps the current selection in its checkpoints.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -131,10 +132,16 @@ def selector_input(model: torch.nn.Module, split, info, device: torch.device, ki
 
 
 def reselect(model: torch.nn.Module, full, info, device: torch.device, cfg, seed: int, epoch: int,
-             previous: Optional[np.ndarray] = None) -> Reselection:
+             previous: Optional[np.ndarray] = None, mapper: Callable = map,
+             gather: Optional[Callable] = None, solve: bool = True) -> Optional[Reselection]:
     """The subset for the passes from ``epoch`` on: ``cfg`` (an ``AdaptiveConfig``) applied to
     ``full`` (the whole training split) with the current ``model``. ``previous``: the ids of
-    the subset it replaces (for the overlap in the record)."""
+    the subset it replaces (for the overlap in the record). ``mapper``: how the selector's
+    classes run (the builtin map, or Ray tasks: ``engine.distributed.runtime.task_map``).
+    ``gather``: for data-parallel workers, an object with ``rank``, ``world`` and
+    ``gather(positions, values) -> the values of every row``: this worker recomputes the input
+    of its share of the rows only (``shard_of``) and the workers exchange them; with ``solve``
+    False it stops there and returns None (a worker that receives the selection instead)."""
     from engine.select import SELECTORS, parse_selection
 
     name, column = parse_selection(cfg.selector)
@@ -143,10 +150,17 @@ def reselect(model: torch.nn.Module, full, info, device: torch.device, cfg, seed
     ids = np.asarray(full.sample_id)[order]
     labels = np.asarray(full.label)[order].astype(np.int64)
     t0 = time.time()
-    values = selector_input(model, full, info, device, entry.reads, column)
-    values = None if values is None else values[order]
+    if gather is None:
+        values = selector_input(model, full, info, device, entry.reads, column)
+        values = None if values is None else values[order]
+    else:
+        mine = shard_of(len(full), gather.rank, gather.world)
+        values = gather(mine, selector_input(model, full.subset(ids[mine]), info, device, entry.reads, column))
     t1 = time.time()
-    sel = entry(values, labels, cfg.fraction, seed=selection_seed(seed, epoch), **cfg.params)
+    if not solve:
+        return None
+    kwargs = {"mapper": mapper} if "mapper" in inspect.signature(entry.fn).parameters else {}
+    sel = entry(values, labels, cfg.fraction, seed=selection_seed(seed, epoch), **cfg.params, **kwargs)
     t2 = time.time()
     chosen = ids[sel.index]
     w = np.asarray(sel.weight, dtype=np.float64)
@@ -154,6 +168,12 @@ def reselect(model: torch.nn.Module, full, info, device: torch.device, cfg, seed
               "scoring_s": round(t1 - t0, 4), "solving_s": round(t2 - t1, 4),
               "overlap": None if previous is None else float(np.isin(chosen, previous).mean()) if len(chosen) else 0.0}
     return Reselection(chosen, w, record)
+
+
+def shard_of(n: int, rank: int, world: int) -> np.ndarray:
+    """The positions (in sample_id order) whose selector input worker ``rank`` of ``world``
+    recomputes: every ``world``-th row from ``rank`` (so every worker's share has one class mix)."""
+    return np.arange(rank, n, world)
 
 
 __all__ = ["Reselection", "adaptive_plan", "check_adaptive", "due", "reselect", "selection_seed", "selector_input",
