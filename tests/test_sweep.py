@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from engine.errors import ConfigError
 from engine.stages.sweep import STOPPED
 from engine.sweep import expand_trials, load_sweep, parse_overrides, sweep_from_dict, trial_train_config
 from jobs import sweep
@@ -258,3 +259,32 @@ def test_asha_stops_trailing_trials_but_never_at_the_last_pass():
     report(trials[0], 1, 0.9), report(trials[1], 1, 0.95)
     report(trials[1], 2, 0.96)
     assert report(trials[0], 2, 0.5) == TrialScheduler.CONTINUE
+
+
+def test_reselect_every_and_warm_start_are_grid_keys(tmp_path):
+    """R = 0 trials train on a manifest chosen before training; R > 0 trials choose in the run
+    (no manifest), each warm start its own trial; the full-data baseline stays once per seed;
+    each adaptive trial's TrainConfig carries its selector, fraction, R, warm start and the
+    sweep's selector parameters."""
+    from engine.sweep.trials import offline
+
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["param_space"].update(selector=["full", "gradmatch", "random"], fraction=[0.1], seed=[0],
+                               reselect_every=[0, 5], warm_start=["none", "full:2"])
+    spec["selector_params"] = {"gradmatch": {"lam": 0.25}}
+    cfg = sweep_from_dict(spec)
+    trials = expand_trials(cfg)
+    keys = [t["key"] for t in trials]
+    assert keys == ["full-s0", "gradmatch-f0.1-s0", "gradmatch-r5-f0.1-s0", "gradmatch-r5-wfull2-f0.1-s0",
+                    "random-f0.1-s0", "random-r5-f0.1-s0", "random-r5-wfull2-f0.1-s0"]
+    by = {t["key"]: t for t in trials}
+    assert [k for k in keys if offline(by[k])] == ["gradmatch-f0.1-s0", "random-f0.1-s0"]
+    assert by["gradmatch-r5-wfull2-f0.1-s0"]["label"] == "gradmatch R=5 warm full:2"
+    tc = trial_train_config(cfg, cfg.base_train_config(), by["gradmatch-r5-wfull2-f0.1-s0"], tmp_path)
+    assert tc.manifest is None and tc.adaptive.every == 5 and tc.adaptive.selector == "gradmatch"
+    assert tc.adaptive.fraction == 0.1 and tc.adaptive.warm_start == "full:2" and tc.adaptive.params == {"lam": 0.25}
+    off = trial_train_config(cfg, cfg.base_train_config(), by["gradmatch-f0.1-s0"], tmp_path)
+    assert off.manifest.endswith("gradmatch-f0.1-s0.parquet") and not off.adaptive.every
+    spec["param_space"]["warm_start"] = ["half:2"]
+    with pytest.raises(ConfigError, match=r"warm_start\[0\]"):
+        sweep_from_dict(spec)

@@ -21,7 +21,7 @@ from engine.errors import RunFailedError
 from engine.rundir import output_dir
 from engine.sweep.config import SweepConfig
 from engine.sweep.results import as_dict, check_same_sweep, collect, fingerprint, summary, write_results
-from engine.sweep.trials import expand_trials, manifest_name, trial_train_config
+from engine.sweep.trials import expand_trials, manifest_name, offline, trial_train_config
 
 STOPPED = "stopped-early.json"  # ASHA stopped this trial: a rerun does not train it again
 
@@ -47,7 +47,7 @@ def plan_sweep(cfg: SweepConfig, out: Path) -> SweepPlan:
     score, source = None, None
     if cfg.scores_path:
         artifacts.read_scores(cfg.scores_path)
-    elif any(t["selector"] != "full" for t in trials):
+    elif any(offline(t) for t in trials):
         score = cfg.score_config(out)
         source = check_inputs(score)
     configs = [trial_train_config(cfg, base, t, out) for t in trials]
@@ -113,7 +113,7 @@ def _scores(cfg: SweepConfig, score: Optional[ScoreConfig], source=None) -> Opti
 def _manifests(cfg: SweepConfig, trials: Sequence[dict], scores: Optional[str], out: Path) -> None:
     from engine.stages import select_stage
 
-    todo = {manifest_name(t): t for t in trials if t["selector"] != "full"}
+    todo = {manifest_name(t): t for t in trials if offline(t)}
     print(f"== selection: {len(todo)} manifest(s)")
     for name, t in todo.items():
         path = out / "manifests" / name

@@ -35,6 +35,8 @@ class ParamSpace:
     seed: Tuple[int, ...] = (0,)                 # selection and training seeds
     curvature_lambda: Tuple[float, ...] = (0.0,)  # SLo-Curves λ
     variant: Tuple[str, ...] = ("standard",)     # names under `variants`
+    reselect_every: Tuple[int, ...] = (0,)       # R: 0 selects once before training (offline); R > 0 adaptively
+    warm_start: Tuple[str, ...] = ("none",)      # adaptive trials: "none" or "full:K"
 
     def validate(self) -> None:
         for f in fields(self):
@@ -48,6 +50,15 @@ class ParamSpace:
             check_value(f"seed[{i}]", s, 0, Rule(lo=0))
         for i, lam in enumerate(self.curvature_lambda):
             check_value(f"curvature_lambda[{i}]", lam, 0.0, Rule(lo=0))
+        for i, r in enumerate(self.reselect_every):
+            check_value(f"reselect_every[{i}]", r, 0, Rule(lo=0))
+        for i, w in enumerate(self.warm_start):
+            from engine.train.adaptive import warm_passes
+
+            try:
+                warm_passes(w)
+            except ConfigError as e:
+                raise ConfigError(f"warm_start[{i}]: {e}") from None
         for i, sel in enumerate(self.selector):
             try:
                 parse_selection(sel)

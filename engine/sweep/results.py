@@ -12,7 +12,7 @@ import numpy as np
 
 from engine import artifacts
 from engine.errors import ConfigError
-from engine.sweep.trials import manifest_name
+from engine.sweep.trials import manifest_name, offline
 
 
 def collect(trials: Sequence[dict], out: Path) -> list:
@@ -36,7 +36,10 @@ def result_row(t: dict, m: dict) -> dict:
            "train_time_s": float(m.get("train_time_s") or np.nan), "wall_time_s": float(m["wall_time_s"]),
            "grad_norm": float(g.get("grad_norm", np.nan)), "hessian_norm": float(g.get("hessian_norm", np.nan)),
            "normalized_curvature": float(g.get("normalized_curvature", np.nan)),
-           "manifest": None if t["selector"] == "full" else f"manifests/{manifest_name(t)}",
+           "manifest": f"manifests/{manifest_name(t)}" if offline(t) else None,
+           "reselect_every": int(t.get("reselect_every", 0)), "warm_start": t.get("warm_start", "none"),
+           "selection_time_s": float(m.get("selection_time_s") or 0.0),
+           "cost_s": float(m.get("cost_s") or m.get("train_time_s") or np.nan),
            "trial_dir": f"trials/{t['key']}"}
     for eps, acc in (m.get("robust_accuracy") or {}).items():
         if eps != "0":

@@ -11,20 +11,34 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List
 
-from engine.config import TrainConfig
+from engine.config import AdaptiveConfig, TrainConfig
 from engine.sweep.config import SweepConfig, parse_selection
 
 
 def trial_key(t: dict) -> str:
-    head = t["label"].replace(":", "-") if t["selector"] != "full" else "full"
+    head = t["selection"].replace(":", "-") if t["selector"] != "full" else "full"
     frac = "" if t["selector"] == "full" else f"-f{t['fraction']:g}"
     lam = f"-l{t['curvature_lambda']:g}" if t["curvature_lambda"] else ""
     var = "" if t["variant"] == "standard" else f"-{t['variant']}"
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{head}{frac}-s{t['seed']}{lam}{var}")
+    every = f"-r{t['reselect_every']}" if t.get("reselect_every") else ""
+    warm = "" if t.get("warm_start", "none") == "none" else f"-w{t['warm_start'].replace(':', '')}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{head}{every}{warm}{frac}-s{t['seed']}{lam}{var}")
 
 
 def manifest_name(t: dict) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{t['label'].replace(':', '-')}-f{t['fraction']:g}-s{t['seed']}") + ".parquet"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{t['selection'].replace(':', '-')}-f{t['fraction']:g}-s{t['seed']}") + ".parquet"
+
+
+def offline(t: dict) -> bool:
+    """Whether trial ``t`` trains on a manifest chosen before training (not full data, not adaptive)."""
+    return t["selector"] != "full" and not t.get("reselect_every")
+
+
+def _adaptive_grid(name: str, ps) -> list:
+    """(R, warm start) pairs of a selector: (0, "none") for the full-data baseline and for R = 0."""
+    if name == "full":
+        return [(0, "none")]
+    return list(dict.fromkeys((int(r), str(w) if r else "none") for r in ps.reselect_every for w in ps.warm_start))
 
 
 def expand_trials(cfg: SweepConfig) -> List[dict]:
@@ -32,17 +46,20 @@ def expand_trials(cfg: SweepConfig) -> List[dict]:
     ps, trials, seen = cfg.param_space, [], set()
     for sel in ps.selector:
         name, column = parse_selection(sel)
-        for frac in ps.fraction:
-            f = 1.0 if name == "full" else float(frac)
-            for seed in ps.seed:
-                for lam in ps.curvature_lambda:
-                    for var in ps.variant:
-                        t = {"selector": name, "column": column, "label": str(sel), "fraction": f,
-                             "seed": int(seed), "curvature_lambda": float(lam), "variant": str(var)}
-                        t["key"] = trial_key(t)
-                        if t["key"] not in seen:
-                            seen.add(t["key"])
-                            trials.append(t)
+        for every, warm in _adaptive_grid(name, ps):
+            label = str(sel) if not every else f"{sel} R={every}" + ("" if warm == "none" else f" warm {warm}")
+            for frac in ps.fraction:
+                f = 1.0 if name == "full" else float(frac)
+                for seed in ps.seed:
+                    for lam in ps.curvature_lambda:
+                        for var in ps.variant:
+                            t = {"selector": name, "column": column, "label": label, "selection": str(sel),
+                                 "fraction": f, "seed": int(seed), "curvature_lambda": float(lam),
+                                 "variant": str(var), "reselect_every": every, "warm_start": warm}
+                            t["key"] = trial_key(t)
+                            if t["key"] not in seen:
+                                seen.add(t["key"])
+                                trials.append(t)
     return trials
 
 
@@ -51,8 +68,13 @@ def trial_train_config(cfg: SweepConfig, base: TrainConfig, t: dict, out: Path) 
     resources and run directory ``OUT/trials/<key>``."""
     r = cfg.resources
     workers = int(r.workers_per_trial)
-    manifest = None if t["selector"] == "full" else str(out / "manifests" / manifest_name(t))
+    manifest = str(out / "manifests" / manifest_name(t)) if offline(t) else None
+    adaptive = base.adaptive
+    if t.get("reselect_every"):
+        adaptive = AdaptiveConfig(every=t["reselect_every"], selector=t["selection"], fraction=t["fraction"],
+                                  params=dict(cfg.selector_params.get(t["selector"]) or {}), warm_start=t["warm_start"])
     tc = replace(base, manifest=manifest, seed=t["seed"], curvature_lambda=t["curvature_lambda"], workers=workers,
+                 adaptive=adaptive,
                  gpus=float(r.gpus_per_trial) / workers, cpus_per_worker=float(r.cpus_per_trial) / workers,
                  out=str(out / "trials" / t["key"]), **cfg.variants[t["variant"]].options())
     tc.validate()
