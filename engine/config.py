@@ -172,12 +172,10 @@ class TrainConfig:
             raise ConfigError(f"weighting must be 'loss' or 'sampling', got {self.weighting!r}")
         if self.executor not in ("auto", "ray-train", "in-process"):
             raise ConfigError(f"executor must be 'auto', 'ray-train' or 'in-process', got {self.executor!r}")
-        if self.executor == "in-process":
-            from engine.distributed.in_process import unmet_need
+        if self.executor == "in-process":  # the GPU is checked when the run starts, where it runs
+            from engine.distributed.in_process import check_in_process
 
-            why = unmet_need(self, self.loader == "ray-data", gpu=True)
-            if why:
-                raise ConfigError(f"--executor in-process needs {why}; use --executor ray-train")
+            check_in_process(self, self.loader == "ray-data", gpu=True)
         if self.loader not in ("auto", "memory", "ray-data"):
             raise ConfigError(f"loader must be 'auto', 'memory' or 'ray-data', got {self.loader!r}")
         if self.loader == "ray-data" and self.weighting == "sampling":

@@ -123,19 +123,34 @@ def check_kwargs(owner: str, prefix: str, params: dict, defaults: Dict[str, Any]
 
 
 
+def _pairs(text: str, form: str, ok) -> list:
+    """A flag's comma-separated KEY=VALUE items as (key, parsed value); ``ok(key)`` says whether
+    a key has the right ``form`` (argparse.ArgumentTypeError naming the item otherwise)."""
+    import argparse
+
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not ok(key.strip()):
+            raise argparse.ArgumentTypeError(f"expected {form}, got {item!r}")
+        out.append((key.strip(), parse_value(value.strip())))
+    return out
+
+
 def parse_method_params(text: str) -> dict:
     """'nc.iters=20,curvature.eps=0.1' -> {"nc": {"iters": 20}, "curvature": {"eps": 0.1}}: a
     flag's METHOD.PARAM=VALUE list (argparse type; checked against the methods by ``check_kwargs``)."""
-    import argparse
-
     out: dict = {}
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        key, sep, value = item.partition("=")
-        score, dot, name = key.partition(".")
-        if not sep or not dot or not score or not name:
-            raise argparse.ArgumentTypeError(f"expected SCORE.PARAM=VALUE, got {item!r}")
-        out.setdefault(score, {})[name] = parse_value(value.strip())
+    for key, value in _pairs(text, "SCORE.PARAM=VALUE", lambda k: all(k.partition(".")[::2]) and "." in k):
+        score, _, name = key.partition(".")
+        out.setdefault(score, {})[name] = value
     return out
+
+
+def parse_params(text: str) -> dict:
+    """'lam=0.5,tol=0.001' -> {"lam": 0.5, "tol": 0.001}: one method's NAME=VALUE list
+    (argparse type; checked against the method by ``check_kwargs``)."""
+    return dict(_pairs(text, "NAME=VALUE", bool))
 
 
 def parse_value(text: str):
@@ -150,4 +165,4 @@ def parse_value(text: str):
 
 
 __all__ = ["Param", "Rule", "at_least", "check_kwargs", "check_value", "declared", "describe", "parse_method_params",
-           "parse_value", "positive", "summary"]
+           "parse_params", "parse_value", "positive", "summary"]

@@ -4,20 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from engine.params import parse_params
 from jobs._cli import float_list
-
-
-def key_values(text: str) -> dict:
-    """'lam=0.5,tol=0.001' -> {"lam": 0.5, "tol": 0.001} (argparse type)."""
-    from engine.params import parse_value
-
-    out = {}
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {item!r}")
-        out[key.strip()] = parse_value(value.strip())
-    return out
 
 
 def add_adaptive_flags(p: argparse.ArgumentParser, d) -> None:
@@ -34,7 +22,7 @@ def add_adaptive_flags(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--warm-start", default=d.warm_start, metavar="full:K",
                    help="adaptive: train on the whole training split for passes 1..K, then select before pass K+1 "
                         "(CORDS's warm start; default %(default)s)")
-    p.add_argument("--select-params", type=key_values, default={}, metavar="NAME=VALUE,...",
+    p.add_argument("--select-params", type=parse_params, default={}, metavar="NAME=VALUE,...",
                    help="adaptive: the selector's own parameters, as jobs.select's flags, e.g. lam=0.5 or offset=0.1")
 
 

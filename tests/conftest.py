@@ -66,3 +66,23 @@ def run_job(capsys):
         return code, captured.out, captured.err
 
     return _run
+
+
+@pytest.fixture
+def drills_here():
+    """The fault drills (tests/drills.py) in this process too: an in-process run's loop runs here."""
+    from engine import hooks
+
+    hooks.install("tests.drills")
+    yield
+    hooks.uninstall_all()
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two saved state dicts hold the same tensors, bit for bit."""
+    import torch
+
+    sa, sb = torch.load(a, map_location="cpu"), torch.load(b, map_location="cpu")
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)

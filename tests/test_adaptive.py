@@ -6,7 +6,6 @@ between two reselections resumes to the same selections and weights."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,19 +17,9 @@ from engine.data import load_source
 from engine.errors import ConfigError
 from engine.train.adaptive import due, reselect, selection_seed, selector_input
 from jobs import train
+from tests.conftest import assert_same_weights
 
 DATA = "digits"
-
-
-def _state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu")
-
-
-def _same_weights(a: Path, b: Path) -> None:
-    sa, sb = _state(a), _state(b)
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
 
 
 def test_the_schedule_and_the_seeds():
@@ -138,7 +127,7 @@ def test_r_past_the_last_pass_is_the_offline_run_on_the_same_subset(ray_local, r
     assert code == 0, err
     offline = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert offline["test_accuracy"] == m["test_accuracy"] and offline["steps"] == m["steps"]
-    _same_weights(tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt")
+    assert_same_weights(tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt")
 
 
 def test_reselections_land_on_their_passes_and_repeat_with_the_seed(ray_local, run_job, tmp_path):
@@ -166,16 +155,7 @@ def test_reselections_land_on_their_passes_and_repeat_with_the_seed(ray_local, r
         b, wb, _ = artifacts.read_manifest(tmp_path / "two" / "selections" / f)
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(wa, wb)
-    _same_weights(tmp_path / "one" / "model.pt", tmp_path / "two" / "model.pt")
-
-
-@pytest.fixture
-def drills_here():
-    from engine import hooks
-
-    hooks.install("tests.drills")
-    yield
-    hooks.uninstall_all()
+    assert_same_weights(tmp_path / "one" / "model.pt", tmp_path / "two" / "model.pt")
 
 
 @pytest.mark.parametrize("executor", ["in-process", pytest.param("ray-train", marks=pytest.mark.slow)])
@@ -199,7 +179,7 @@ def test_a_failure_between_reselections_resumes_to_the_same_selections_and_weigh
         a, _, _ = artifacts.read_manifest(tmp_path / "clean" / "selections" / f)
         b, _, _ = artifacts.read_manifest(chaos / "selections" / f)
         np.testing.assert_array_equal(a, b)
-    _same_weights(tmp_path / "clean" / "model.pt", chaos / "model.pt")
+    assert_same_weights(tmp_path / "clean" / "model.pt", chaos / "model.pt")
 
 
 def test_a_full_data_warm_start_trains_on_everything_first(ray_local, run_job, tmp_path):

@@ -15,19 +15,9 @@ from engine.config import OptimConfig
 from engine.data import load_source
 from engine.train import epoch_plan, make_optimizer, seed_everything, shuffled_batches, train_epoch, weighted_batches
 from jobs import train
+from tests.conftest import assert_same_weights
 
 DATA = "digits"  # 1,437 training images of 8x8: a Ray Train run takes seconds
-
-
-def _state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu")
-
-
-def _assert_same_weights(a: Path, b: Path) -> None:
-    sa, sb = _state(a), _state(b)
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
 
 
 def test_epoch_plan_budgets():
@@ -109,7 +99,7 @@ def test_injected_worker_failure_resumes_to_the_same_weights(ray_local, run_job,
     clean = json.loads((tmp_path / "clean" / "metrics.json").read_text())
     assert metrics["samples_seen"] == clean["samples_seen"] and metrics["steps"] == clean["steps"]
     assert metrics["test_accuracy"] == clean["test_accuracy"]
-    _assert_same_weights(tmp_path / "clean" / "model.pt", tmp_path / "chaos" / "model.pt")
+    assert_same_weights(tmp_path / "clean" / "model.pt", tmp_path / "chaos" / "model.pt")
 
 
 @pytest.mark.slow  # fault drill, 58 s on 2 cores (make test-all)
@@ -127,17 +117,7 @@ def test_rerun_after_a_failed_run_resumes(ray_local, run_job, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["restarts"] == 1
     code, _, err = _train(run_job, tmp_path / "clean", "--seed", "1", "--executor", "ray-train")
     assert code == 0, err
-    _assert_same_weights(tmp_path / "clean" / "model.pt", out / "model.pt")
-
-
-@pytest.fixture
-def drills_here():
-    """The fault drills in this process too (an in-process run's loop runs here)."""
-    from engine import hooks
-
-    hooks.install("tests.drills")
-    yield
-    hooks.uninstall_all()
+    assert_same_weights(tmp_path / "clean" / "model.pt", out / "model.pt")
 
 
 def test_in_process_runs_train_the_weights_ray_train_does_and_resume_from_their_own_checkpoints(
@@ -156,7 +136,7 @@ def test_in_process_runs_train_the_weights_ray_train_does_and_resume_from_their_
     assert here_m["executor"] == "in-process" and ray_m["executor"] == "ray-train"
     for k in ("test_accuracy", "steps", "samples_seen", "passes", "history"):
         assert here_m[k] == ray_m[k], k
-    _assert_same_weights(tmp_path / "ray" / "model.pt", tmp_path / "here" / "model.pt")
+    assert_same_weights(tmp_path / "ray" / "model.pt", tmp_path / "here" / "model.pt")
     assert not (tmp_path / "here" / "_partial").exists()
 
     chaos = tmp_path / "chaos"
@@ -166,7 +146,7 @@ def test_in_process_runs_train_the_weights_ray_train_does_and_resume_from_their_
     assert code == 0, err
     assert "restarting from its last checkpoint (1/2)" in stdout and "resuming after pass 1/3" in stdout
     assert json.loads((chaos / "metrics.json").read_text())["restarts"] == 1
-    _assert_same_weights(tmp_path / "ray" / "model.pt", chaos / "model.pt")
+    assert_same_weights(tmp_path / "ray" / "model.pt", chaos / "model.pt")
 
     failed = tmp_path / "failed"
     (failed / "_partial").mkdir(parents=True)
@@ -179,7 +159,7 @@ def test_in_process_runs_train_the_weights_ray_train_does_and_resume_from_their_
     code, stdout, err = _train(run_job, failed, *extra, "--max-failures", "0")
     assert code == 0, err
     assert "resuming after pass 1/3" in stdout
-    _assert_same_weights(tmp_path / "ray" / "model.pt", failed / "model.pt")
+    assert_same_weights(tmp_path / "ray" / "model.pt", failed / "model.pt")
 
 
 def test_executor_in_process_is_refused_where_it_cannot_run(run_job, tmp_path):

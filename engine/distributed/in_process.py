@@ -102,9 +102,7 @@ def resolve_executor(cfg: TrainConfig, stream: bool) -> str:
     with the in-memory loader on the job's own single-machine Ray with its checkpoints local
     (and a GPU in this process if GPUs are asked for), else Ray Train."""
     if cfg.executor == "in-process":
-        why = unmet_need(cfg, stream, gpu=torch.cuda.is_available())
-        if why:
-            raise ConfigError(f"--executor in-process needs {why}; use --executor ray-train")
+        check_in_process(cfg, stream, gpu=torch.cuda.is_available())
         return "in-process"
     if cfg.executor == "ray-train":
         return "ray-train"
@@ -123,6 +121,13 @@ def trial_executor(base: TrainConfig, workers: int, source) -> str:
 
     cfg = replace(base, workers=workers)
     return resolve_executor(cfg, resolve_loader(cfg, None, source or load_source(base.data)) == "ray-data")
+
+
+def check_in_process(cfg: TrainConfig, stream: bool, gpu: bool) -> None:
+    """ConfigError naming what ``--executor in-process`` needs and ``cfg`` does not give."""
+    why = unmet_need(cfg, stream, gpu)
+    if why:
+        raise ConfigError(f"--executor in-process needs {why}; use --executor ray-train")
 
 
 def unmet_need(cfg: TrainConfig, stream: bool, gpu: bool) -> Optional[str]:

@@ -166,18 +166,21 @@ def _maybe_reselect(run: dict, state: dict, epoch: int) -> None:
         return
     previous = state["selections"][-1]["ids"].numpy() if state["selections"] else \
         (np.asarray(run["train"].sample_id) if run["from_manifest"] else None)
-    if run["world"] > 1:  # each worker recomputes its share of the input; rank 0 solves, everyone trains on it
-        r = _shared_reselection(run, epoch, previous)
+    if run["world"] > 1:  # each worker recomputes its share of the input; rank 0 selects, everyone trains on it
+        how = {"gather": _Gather(run["rank"], run["world"]), "solve": run["rank"] == 0}
     else:  # alone: the selector's classes as Ray tasks on the CPUs this process leaves idle meanwhile
         from engine.distributed.runtime import task_map
 
-        mapper = task_map if run["session"].in_process and ray.is_initialized() else map
-        r = reselect(_unwrap(run["model"]), run["full"], run["info"], run["device"], cfg.adaptive, cfg.seed, epoch,
-                     previous, mapper=mapper)
+        how = {"mapper": task_map if run["session"].in_process and ray.is_initialized() else map}
+    r = reselect(_unwrap(run["model"]), run["full"], run["info"], run["device"], cfg.adaptive, cfg.seed, epoch,
+                 previous, **how)
+    if run["world"] > 1:  # rank 0's selection is everyone's, whatever each worker's floating-point luck
+        box = [r]
+        torch.distributed.broadcast_object_list(box, src=0)
+        r = box[0]
     chosen = {"epoch": epoch, "ids": torch.as_tensor(r.ids), "weight": torch.as_tensor(r.weight)}
     state["selections"].append(chosen)
     state["reselections"].append(r.record)
-    state["selection_time_s"] += r.record["scoring_s"] + r.record["solving_s"]
     _use_selection(run, chosen)
     if run["rank"] == 0:
         overlap = "" if r.record["overlap"] is None else f", {r.record['overlap']:.0%} kept"
@@ -202,20 +205,6 @@ class _Gather:
         for p, v in parts:
             out[p] = v
         return out
-
-
-def _shared_reselection(run: dict, epoch: int, previous):
-    """``reselect`` over ``world`` workers: every worker recomputes its share of the input, the
-    shares are exchanged, rank 0 runs the selector and broadcasts the selection, so every
-    worker trains on the same subset whatever its floating-point luck."""
-    from engine.train.adaptive import reselect
-
-    cfg = run["cfg"]
-    r = reselect(_unwrap(run["model"]), run["full"], run["info"], run["device"], cfg.adaptive, cfg.seed, epoch,
-                 previous, gather=_Gather(run["rank"], run["world"]), solve=run["rank"] == 0)
-    box = [r]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _use_selection(run: dict, chosen: dict) -> None:
@@ -257,14 +246,13 @@ def _restore(checkpoint, model, opt, sched, rank: int, passes: int) -> dict:
     (a restart or a rerun), or fresh ones."""
     if checkpoint is None:
         return {"epoch": 0, "steps": 0, "samples_seen": 0, "train_time_s": 0.0, "history": [], "restarts": 0,
-                "selections": [], "reselections": [], "selection_time_s": 0.0}
+                "selections": [], "reselections": []}
     saved = _load_training_state(checkpoint, rank)
     _unwrap(model).load_state_dict(saved["model"])
     opt.load_state_dict(saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
-    state = {"selections": [], "reselections": [], "selection_time_s": 0.0,
-             **saved["counters"], "restarts": saved["counters"].get("restarts", 0) + 1}
+    state = {"selections": [], "reselections": [], **saved["counters"], "restarts": saved["counters"].get("restarts", 0) + 1}
     if rank == 0:
         print(f"train: resuming after pass {state['epoch']}/{passes} from its checkpoint", flush=True)
     return state
@@ -452,7 +440,7 @@ def _final_metrics(cfg, model, test, info, device, state, passes, accuracy) -> d
     final = {"final": True, "passes": passes, "test_accuracy": accuracy, "history": list(state["history"]),
              **{k: state[k] for k in ("steps", "samples_seen", "train_time_s", "restarts")}}
     if cfg.adaptive.every:
-        final.update(reselections=list(state["reselections"]), selection_time_s=state["selection_time_s"])
+        final["reselections"] = list(state["reselections"])  # the stage adds up the bill
     final.update(_final_eval(cfg, _unwrap(model), test, info, device))
     return final
 

@@ -119,7 +119,7 @@ def run_tuner(trainable: Callable[..., None], trials: Sequence[dict], *, storage
         scheduler = asha_scheduler(max_t, int(asha.get("grace_period", 1)), float(asha.get("reduction_factor", 2)))
     from engine.console import verbose
 
-    callbacks = [ReclaimOrphanedPlacementGroups(), TrialProgress(len(trials), max_concurrent)]
+    callbacks = [ReclaimOrphanedPlacementGroups(), TrialProgress(len(trials))]
     tuner = tune.Tuner(
         fn,
         param_space={"trial": tune.grid_search(list(trials))},
@@ -235,12 +235,12 @@ class ReclaimOrphanedPlacementGroups(tune.Callback):
 
 class TrialProgress(tune.Callback):
     """Tune callback (driver side): Winnow's own line per trial that ends (its key, passes, test
-    accuracy or error), with how many are done and the sweep's ETA (the mean wall time of a
-    finished trial, times the trials left, over the trials that run at once), instead of Tune's
-    status tables (shown with ``--verbose``)."""
+    accuracy or error), with how many are done and the sweep's ETA (the sweep's time so far per
+    finished trial, which already counts the trials running at once, times the trials left),
+    instead of Tune's status tables (shown with ``--verbose``)."""
 
-    def __init__(self, total: int, at_once: int):
-        self.total, self.at_once = total, max(1, at_once)
+    def __init__(self, total: int):
+        self.total = total
         self.done = 0
         self.t0 = time.monotonic()
 

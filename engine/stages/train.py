@@ -64,15 +64,16 @@ def train_stage(cfg: TrainConfig, subset: Optional[tuple] = None, callbacks: Seq
         (out / "metrics.json").unlink(missing_ok=True)  # a stale result must not outlive a failed rerun
         m = fit_on_ray(cfg, ids, weight, manifest_hash, callbacks=callbacks, reporters=reporters)
         source = load_source(cfg.data)
+        rows = {"train": source.num_rows("train"), "test": source.num_rows("test")}
         metrics = {"test_accuracy": m["test_accuracy"], "wall_time_s": m["wall_time_s"],
                    "train_time_s": m.get("train_time_s"), "samples_seen": m["samples_seen"], "steps": m["steps"],
                    "passes": m["passes"], "train_size": n, "epochs": cfg.epochs, "budget": cfg.budget,
                    "weighting": cfg.weighting if cfg.manifest else None, "restarts": m.get("restarts", 0),
                    "loader": m.get("loader"), "executor": m.get("executor"),
-                   **(adaptive_accounting(cfg, m, source.num_rows("train")) if cfg.adaptive.every else {}),
+                   **(adaptive_accounting(cfg, m, rows["train"]) if cfg.adaptive.every else {}),
                    "history": m.get("history", []), "geometry": m.get("geometry"),
                    "robust_accuracy": m.get("robust_accuracy"), "data": cfg.data,
-                   "data_rows": {"train": source.num_rows("train"), "test": source.num_rows("test")},
+                   "data_rows": rows,
                    "manifest": cfg.manifest, "manifest_hash": manifest_hash, "model_options": cfg.model_options,
                    "transforms": transforms_of(cfg.train_transform, source.info()),
                    "config": to_dict(cfg), "environment": artifacts.environment(),
