@@ -2,6 +2,8 @@
 
     python bench/adaptive.py --data fashion-mnist --epochs 40 --fraction 0.1 --selector gradmatch --every 20,5
     python bench/adaptive.py ... --full-epochs 4     # time the full-data run on 4 epochs, scale to --epochs
+    python bench/adaptive.py ... --select-params batch=32   # GRAD-MATCH-PB: per-class mini-batches as atoms
+    python bench/adaptive.py ... --precision bf16           # the recomputation under bf16 autocast
 
 For every R in ``--every`` one ``train_stage`` run (``jobs.train --reselect-every R``, one
 worker in this process) and one full-data run of the same epochs, all with the same seed, model
@@ -47,13 +49,18 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--selector", default="gradmatch")
     p.add_argument("--every", default="20,5", help="comma-separated R values")
+    p.add_argument("--select-params", default="", help="the selector's NAME=VALUE,... (jobs.train --select-params)")
     p.add_argument("--warm-start", default="none")
+    p.add_argument("--precision", default="float32", help="the recomputation's: float32 or bf16 (--select-precision)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--full-epochs", type=int, default=0, help="time the full-data run on this many epochs (0: --epochs)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     from engine.config import AdaptiveConfig
     from engine.distributed.runtime import ray_session
+    from engine.params import parse_params
+
+    params = parse_params(a.select_params) if a.select_params else {}
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp, ray_session(dashboard=False):
@@ -62,7 +69,8 @@ def main() -> None:
         scale = a.epochs / full_epochs
         full_train = full["train_time_s"] * scale
         for r in (int(x) for x in a.every.split(",")):
-            ad = AdaptiveConfig(every=r, selector=a.selector, fraction=a.fraction, warm_start=a.warm_start)
+            ad = AdaptiveConfig(every=r, selector=a.selector, fraction=a.fraction, warm_start=a.warm_start,
+                                params=params, precision=a.precision)
             m = run(a.data, a.model, a.epochs, f"{tmp}/r{r}", a.seed, ad)
             rows.append({"R": r, "selections": len(m["reselections"]), "train_s": m["train_time_s"],
                          "scoring_s": m["selection_scoring_s"], "solving_s": m["selection_solving_s"],
@@ -70,7 +78,7 @@ def main() -> None:
                          "selection_vs_train": m["selection_share"], "cost_vs_full": m["cost_s"] / full_train,
                          "samples_vs_full": m["samples_vs_full"], "test_accuracy": m["test_accuracy"],
                          "job_wall_s": m["job_wall_s"]})
-    print(f"\n{a.data}, {a.model}, {a.epochs} epochs, {a.selector} at {a.fraction}, warm start {a.warm_start}, "
+    print(f"\n{a.data}, {a.model}, {a.epochs} epochs, {a.selector} {a.select_params} at {a.fraction}, {a.precision}, warm start {a.warm_start}, "
           f"seed {a.seed}; {os.cpu_count()} CPUs. Full data: {full['train_time_s']:.1f} s of training for "
           f"{full_epochs} epoch(s)" + (f", x{scale:g} = {full_train:.1f} s for {a.epochs}" if scale != 1 else "")
           + f", test accuracy {full['test_accuracy']:.4f}\n")

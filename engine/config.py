@@ -109,11 +109,15 @@ class AdaptiveConfig:
     fraction: float = 0.1              # of each class, as jobs.select's --fraction
     params: dict = field(default_factory=dict)  # the selector's own parameters (lam, offset, beta, ...)
     warm_start: str = "none"           # "full:K": the whole training split for passes 1..K, the first selection before K+1
+    precision: str = "float32"         # "bf16": the recomputation's forward under bf16 autocast (as jobs.score --precision)
 
     def validate(self) -> None:
         check_types(self)
         if self.every < 0:
             raise ConfigError(f"reselect_every must be 0 (off) or more, got {self.every}")
+        from engine.scores import check_precision
+
+        check_precision(self.precision)
         if not self.every:
             return
         from engine.train.adaptive import check_adaptive
@@ -236,7 +240,7 @@ class SelectConfig:
     column: Optional[str] = None       # score column that ranks samples (default: the selector's)
     seed: int = 0                      # seed for random choices and tie-breaks
     global_rank: bool = False          # rank across all classes instead of per class
-    embeddings: Optional[str] = None   # embeddings.parquet (craig, gradmatch; default: beside scores)
+    embeddings: Optional[str] = None   # embeddings.parquet (craig, gradmatch; default: beside scores; geda: weights)
     params: dict = field(default_factory=dict)  # the selector's own: solver, nodes, time_limit, lam, tol, quantiles, offset
 
     def validate(self) -> None:

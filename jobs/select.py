@@ -31,7 +31,8 @@ def build_parser() -> Parser:
                    help="rank across all classes instead of per class (class balance not kept)")
     p.add_argument("--embeddings", default=None,
                    help="embeddings.parquet from jobs.score --embeddings, for the selectors that read gradient "
-                        "embeddings (default: beside --scores)")
+                        "embeddings (default: beside --scores); with geda, the subset is weighted by them as "
+                        "online GEDA's is (--lam)")
     add_param_flags(p)
     p.add_argument("--out", required=True, help="manifest.parquet to write")
     return p

@@ -89,7 +89,7 @@ def config_from(argv: Sequence[str]) -> TrainConfig:
 
         model.update(lcnn_options(a.beta, a.bn_gamma))
     adaptive = AdaptiveConfig(every=a.reselect_every, selector=a.selector, fraction=a.fraction, params=a.select_params,
-                              warm_start=a.warm_start)
+                              warm_start=a.warm_start, precision=a.select_precision)
     return config_from_args(TrainConfig, a, data=data_spec(a), pgd_eps=tuple(a.pgd_eps), optim=optim_from(a),
                             adaptive=adaptive, **model)
 

@@ -39,6 +39,7 @@ def test_the_schedule_and_the_seeds():
     ({"params": {"bogus": 1}}, "bogus"),
     ({"fraction": 1.5}, "fraction"),
     ({"every": -1}, "reselect_every must be 0 (off) or more"),
+    ({"precision": "fp8"}, "--precision must be one of float32, bf16"),
 ])
 def test_bad_adaptive_settings_are_refused(changes, needle):
     with pytest.raises(ConfigError, match=None) as e:
@@ -88,6 +89,43 @@ def test_a_reselection_is_the_offline_selector_on_the_recomputed_input(selector,
     assert model.training  # the model's mode is left as it was
 
 
+def test_online_geda_is_geda_on_the_current_norms_weighted_by_the_current_embeddings():
+    """``--selector geda --reselect-every R``: the GEDA subset on the current model's GraNd
+    (gradnorm_init's scorer, on the model as it is), weighted by Algorithm 6.1 on the current
+    gradient embeddings; the record carries the weight fit's residual."""
+    from engine.select import SELECTORS
+    from engine.select.geda_selector import err_weights
+
+    model, full, info = _model_and_data(2)
+    cfg = AdaptiveConfig(every=2, selector="geda", fraction=0.2, params={"lam": 0.25})
+    r = reselect(model, full, info, torch.device("cpu"), cfg, seed=5, epoch=3)
+    order = np.argsort(full.sample_id)
+    norms = selector_input(model, full, info, torch.device("cpu"), "score", "gradnorm_init")[order]
+    emb = selector_input(model, full, info, torch.device("cpu"), "embeddings", None)[order]
+    labels = full.label[order].astype(np.int64)
+    plain = SELECTORS["geda"](norms, labels, 0.2, seed=selection_seed(5, 3))
+    np.testing.assert_array_equal(r.ids, full.sample_id[order][plain.index])
+    errors = []
+    for c in range(10):
+        rows = np.flatnonzero(labels == c)
+        mine = labels[plain.index] == c
+        w, err, unweighted = err_weights(emb[rows], np.searchsorted(rows, plain.index[mine]), 0.25)
+        np.testing.assert_allclose(r.weight[mine], w, rtol=1e-6, atol=1e-9)
+        errors.append(err)
+    assert r.record["match_error"] == pytest.approx(np.mean(errors), rel=1e-6)
+    assert not np.allclose(r.weight, 1.0)
+
+
+def test_online_geda_end_to_end(ray_local, run_job, tmp_path):
+    code, stdout, err = _adaptive(run_job, tmp_path / "g", 3, 2, "--selector", "geda", "--select-params", "lam=0.1")
+    assert code == 0, err
+    m = json.loads((tmp_path / "g" / "metrics.json").read_text())
+    assert [r["epoch"] for r in m["reselections"]] == [1, 3]
+    assert all(0 <= r["match_error"] < 1 for r in m["reselections"])
+    ids, weight, meta = artifacts.read_manifest(tmp_path / "g" / "selections" / "pass-003.parquet")
+    assert len(ids) == m["reselections"][1]["size"] and not np.allclose(weight, 1.0)
+
+
 def test_selector_input_matches_the_scorer_batch_by_batch():
     from engine.scores import SCORERS
     from engine.train import batch_to_input
@@ -103,6 +141,15 @@ def test_selector_input_matches_the_scorer_batch_by_batch():
     got = selector_input(model, full, info, torch.device("cpu"), "embeddings", None, batch_size=100)
     np.testing.assert_allclose(got, grad_embedding(model, x, y).double().numpy(), rtol=1e-4, atol=1e-6)
     assert selector_input(model, full, info, torch.device("cpu"), "nothing", None) is None
+    # bf16: the forward under autocast, close to float32 and not it; a scorer that may not run
+    # in bf16 (curvature) stays float32 bit for bit
+    half = selector_input(model, full, info, torch.device("cpu"), "embeddings", None, batch_size=100, precision="bf16")
+    assert not np.array_equal(half, got)
+    assert np.abs(half - got).max() <= 2e-2 * np.abs(got).max()
+    few = full.subset(full.sample_id[:64])
+    np.testing.assert_array_equal(
+        selector_input(model, few, info, torch.device("cpu"), "score", "curvature", batch_size=32, precision="bf16"),
+        selector_input(model, few, info, torch.device("cpu"), "score", "curvature", batch_size=32))
 
 
 def _train(run_job, out, *extra):
@@ -144,7 +191,7 @@ def test_reselections_land_on_their_passes_and_repeat_with_the_seed(ray_local, r
     sizes = {r["size"] for r in m["reselections"]}
     assert len(sizes) == 1 and m["samples_seen"] == 5 * sizes.pop()  # topk keeps each class's quota
     assert m["config"]["adaptive"] == {"every": 2, "selector": "topk:el2n", "fraction": 0.3, "params": {},
-                                       "warm_start": "none"}
+                                       "warm_start": "none", "precision": "float32"}
     files = sorted(p.name for p in (tmp_path / "one" / "selections").iterdir())
     assert files == ["pass-001.parquet", "pass-003.parquet", "pass-005.parquet"]
     first, _, _ = artifacts.read_manifest(tmp_path / "one" / "selections" / "pass-001.parquet")
@@ -200,6 +247,38 @@ def test_a_full_data_warm_start_trains_on_everything_first(ray_local, run_job, t
     assert code == 2 and "--warm-start and --manifest both say what the first passes train on" in err
 
 
+def test_a_geda_warm_start_trains_on_offline_geda_until_the_first_reselection(ray_local, run_job, tmp_path):
+    """--warm-start geda, R = 2, 3 passes: before pass 1 the offline GEDA subset of the untrained
+    model's GraNd (every weight 1: GEDA's, not online GEDA's), passes 1-2 on it, GRAD-MATCH
+    before pass 3; the warm subset is exactly the geda selector on that model's gradnorm_init."""
+    from engine.models import build_model
+    from engine.select import SELECTORS
+    from engine.train import seed_everything
+    from engine.train.adaptive import warm_selection
+
+    cfg = AdaptiveConfig(every=2, selector="gradmatch", params={"lam": 1.0}, warm_start="geda")
+    assert warm_selection(cfg, 1).selector == "geda" and warm_selection(cfg, 1).params == {}
+    assert warm_selection(cfg, 3) is cfg and warm_selection(AdaptiveConfig(every=2), 1).selector == "gradmatch"
+    code, stdout, err = _adaptive(run_job, tmp_path / "g", 3, 2, "--selector", "gradmatch", "--warm-start", "geda")
+    assert code == 0, err
+    m = json.loads((tmp_path / "g" / "metrics.json").read_text())
+    assert [(r["epoch"], r["selector"]) for r in m["reselections"]] == [(1, "geda (warm start)"), (3, "gradmatch")]
+    assert "before pass 1 (geda (warm start)" in stdout and "before pass 3 (gradmatch" in stdout
+    ids, weight, meta = artifacts.read_manifest(tmp_path / "g" / "selections" / "pass-001.parquet")
+    np.testing.assert_array_equal(weight, 1.0)
+    assert meta["selector"] == "geda (warm start)" and meta["params"] == {}
+    assert not np.allclose(artifacts.read_manifest(tmp_path / "g" / "selections" / "pass-003.parquet")[1], 1.0)
+    # the untrained model the run started from: the run seeds and builds it as here
+    src = load_source(DATA)
+    info, full = src.info(), src.arrays("train")
+    seed_everything(0)
+    model = build_model("small-cnn", info.image_shape[2], info.num_classes, info.image_shape[0])
+    order = np.argsort(full.sample_id)
+    norms = selector_input(model, full, info, torch.device("cpu"), "score", "gradnorm_init", batch_size=128)[order]
+    sel = SELECTORS["geda"](norms, full.label[order].astype(np.int64), 0.3, seed=selection_seed(0, 1))
+    np.testing.assert_array_equal(ids, full.sample_id[order][sel.index])
+
+
 def test_adaptive_plan_counts_the_warm_passes():
     from engine.train import epoch_plan
     from engine.train.adaptive import adaptive_plan, warm_passes
@@ -207,8 +286,8 @@ def test_adaptive_plan_counts_the_warm_passes():
     assert adaptive_plan(300, 100, 4, "epochs", 1000, 0) == epoch_plan(300, 100, 4, "epochs", 1000)
     assert adaptive_plan(300, 100, 4, "epochs", 1000, 1) == (4, 10 + 3 * 3)
     assert adaptive_plan(300, 100, 4, "steps", 1000, 2) == (2 + 7, 40)  # 20 steps left, 3 a pass
-    assert warm_passes("none") == 0 and warm_passes("full:3") == 3
-    for bad in ("full:0", "geda", "full:x", "half:2"):
+    assert warm_passes("none") == 0 and warm_passes("full:3") == 3 and warm_passes("geda") == 0
+    for bad in ("full:0", "geda:2", "full:x", "half:2"):
         with pytest.raises(ConfigError, match="warm_start must be"):
             warm_passes(bad)
 

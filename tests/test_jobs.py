@@ -294,6 +294,16 @@ def test_embeddings_then_craig_gradmatch_geda(ray_local, run_job, tmp_path):
         if selector == "geda":
             statuses = {c["status"] for c in meta["info"]["classes"].values()}
             assert statuses == {"optimal"} and meta["params"]["solver"] in ("exact", "highs")
+    # --embeddings named: GEDA's subset weighted as online GEDA weighs it (Algorithm 6.1, R = 0)
+    code, _, err = run_job(select, ["--scores", run / "scores.parquet", "--selector", "geda", "--fraction", "0.2",
+                                    "--embeddings", run / "embeddings.parquet", "--lam", "0",
+                                    "--out", tmp_path / "geda-w.parquet"])
+    assert code == 0, err
+    ids_w, weight_w, meta_w = artifacts.read_manifest(tmp_path / "geda-w.parquet")
+    np.testing.assert_array_equal(np.sort(ids_w), np.sort(artifacts.read_manifest(tmp_path / "geda-0.parquet")[0]))
+    assert not np.allclose(weight_w, 1.0) and "embeddings.parquet" in meta_w["values_from"]
+    for c in meta_w["info"]["classes"].values():
+        assert c["relative_error"] <= c["unweighted_error"] + 1e-12
     geda_highs = artifacts.read_manifest(tmp_path / "geda-2.parquet")[2]["info"]["classes"]
     geda_exact = artifacts.read_manifest(tmp_path / "geda-0.parquet")[2]["info"]["classes"]
     for c in geda_exact:

@@ -144,7 +144,7 @@ def test_each_entry_describes_its_selector(name):
     e = SELECTORS[name]
     assert e.reads in READS and e.summary and e.summary[0].isupper()
     sig = {n: p.default for n, p in inspect.signature(e.fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
-    assert {p.name for p in e.params} == set(sig) - {"seed", "mapper"}
+    assert {p.name for p in e.params} == set(sig) - {"seed", "mapper", "embeddings"}
     for prm in e.params:
         assert prm.default == sig[prm.name] and prm.help
         assert prm.rule is None or prm.rule.admits(prm.default)

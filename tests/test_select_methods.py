@@ -169,6 +169,100 @@ def test_gradmatch_stops_at_tolerance_and_fills_at_random():
         SELECTORS["gradmatch"](g, np.zeros(200, np.int64), 0.1, tol=1.5)
 
 
+def test_gradmatch_per_batch_picks_whole_batches_and_matches_better_than_random_batches():
+    from engine.select.coreset import gradmatch_batches
+
+    rng = np.random.default_rng(12)
+    g = rng.normal(size=(203, 8)) + rng.normal(size=8)      # 203 rows: the last batch of 10 is short
+    k, batch = 47, 10
+    rows, info, w = gradmatch_batches(g, k, 0.5, np.random.default_rng(0), 0, batch)
+    assert len(rows) == len(np.unique(rows)) == k and np.all(w > 0) and info["batch"] == batch
+    # the batches are the rows in one random order cut every 10: rebuild them and check that
+    # the picks are whole batches (the last one cut to fit) sharing one weight each
+    order = np.random.default_rng(0).permutation(len(g))
+    batch_of = np.empty(len(g), np.int64)
+    batch_of[order] = np.arange(len(g)) // batch
+    picked = batch_of[rows]
+    assert len(np.unique(picked)) == info["batches"] == 5
+    for b in np.unique(picked):
+        assert len(np.unique(w[picked == b])) == 1
+    full = [b for b in np.unique(picked) if (picked == b).sum() == (batch_of == b).sum()]
+    assert len(full) >= 4
+    target = g.sum(0)
+    err = np.linalg.norm(target - g[rows].T @ w) / np.linalg.norm(target)
+    # random batches of the same count, least-squares-scaled: OMP's are better
+    rand = []
+    for s in range(20):
+        pick = np.random.default_rng(100 + s).choice(int(batch_of.max()) + 1, 5, replace=False)
+        A = np.stack([g[batch_of == b].sum(0) for b in pick], 1)
+        coef, *_ = np.linalg.lstsq(A, target, rcond=None)
+        rand.append(np.linalg.norm(target - A @ np.clip(coef, 0, None)) / np.linalg.norm(target))
+    assert err < np.median(rand), (err, np.median(rand))
+
+
+def test_gradmatch_batch_one_is_per_sample_and_batch_is_checked():
+    rng = np.random.default_rng(13)
+    g = rng.normal(size=(120, 6)) + 0.5
+    labels = np.repeat([0, 1, 2], 40)
+    a = SELECTORS["gradmatch"](g, labels, 0.25, seed=3)
+    b = SELECTORS["gradmatch"](g, labels, 0.25, seed=3, batch=1)
+    np.testing.assert_array_equal(a.index, b.index)
+    np.testing.assert_array_equal(a.weight, b.weight)
+    pb = SELECTORS["gradmatch"](g, labels, 0.25, seed=3, batch=4)
+    assert np.bincount(labels[pb.index]).tolist() == [10, 10, 10]
+    assert all(pb.info["classes"][c]["batches"] == 3 for c in range(3))
+    with pytest.raises(ConfigError, match="batch"):
+        SELECTORS["gradmatch"](g, labels, 0.25, batch=2.5)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 20.0])
+def test_online_geda_weights_solve_algorithm_6_1(lam):
+    """err_weights against a direct solver of the same objective (bounded L-BFGS-B from
+    several starts) on small instances."""
+    from scipy.optimize import minimize
+
+    from engine.select.geda_selector import err_weights
+
+    rng = np.random.default_rng(int(lam * 10) + 1)
+    for trial in range(4):
+        g = rng.normal(size=(40, 6)) + rng.normal(size=6)
+        picks = rng.choice(40, 9, replace=False)
+        w, err, plain = err_weights(g, picks, lam)
+        A, t = g[picks].T, g.sum(0)
+
+        def f(v):
+            return np.sum((A @ v - t) ** 2) + lam * np.sum(v ** 2)
+
+        best = min((minimize(f, x0, jac=lambda v: 2 * A.T @ (A @ v - t) + 2 * lam * v, method="L-BFGS-B",
+                             bounds=[(0, None)] * 9, options={"ftol": 1e-15, "gtol": 1e-12})
+                    for x0 in (np.zeros(9), np.full(9, 40 / 9), rng.uniform(0, 10, 9))), key=lambda r: r.fun)
+        assert np.all(w >= 0) and f(w) <= best.fun * (1 + 1e-7) + 1e-9, (trial, f(w), best.fun)
+        assert err == pytest.approx(np.linalg.norm(A @ w - t) / np.linalg.norm(t))
+        assert plain == pytest.approx(np.linalg.norm(A @ np.full(9, 40 / 9) - t) / np.linalg.norm(t))
+        if lam == 0:
+            assert err <= plain + 1e-12       # n / k per sample is feasible: the fit can only match better
+
+
+def test_geda_given_embeddings_keeps_its_subset_and_weights_it():
+    from engine.select.geda_selector import err_weights
+
+    rng = np.random.default_rng(14)
+    labels = np.repeat([0, 1], 50)
+    norms = rng.gamma(2.0, size=100)
+    emb = rng.normal(size=(100, 5)) + norms[:, None]
+    plain = SELECTORS["geda"](norms, labels, 0.2, seed=1)
+    online = SELECTORS["geda"](norms, labels, 0.2, seed=1, embeddings=emb, lam=0.1)
+    np.testing.assert_array_equal(plain.index, online.index)
+    np.testing.assert_array_equal(plain.weight, 1.0)
+    for c in (0, 1):
+        rows = np.flatnonzero(labels == c)
+        local = np.searchsorted(rows, online.index[labels[online.index] == c])
+        w, err, _ = err_weights(emb[rows], local, 0.1)
+        np.testing.assert_allclose(online.weight[labels[online.index] == c], w)
+        assert online.info["classes"][c]["relative_error"] == pytest.approx(err)
+    assert online.info["lam"] == 0.1 and "lam" not in plain.info
+
+
 def test_random_quantile_draws_from_every_quartile():
     scores = np.arange(100, dtype=float)
     sel = SELECTORS["random_quantile"](scores, np.zeros(100, np.int64), 0.2, seed=1)

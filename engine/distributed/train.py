@@ -159,7 +159,7 @@ def _maybe_reselect(run: dict, state: dict, epoch: int) -> None:
     """Adaptive selection (``engine.train.adaptive``): before the passes it is due for, choose
     the subset again on the current model and train on it from this pass on; the selection is
     kept in ``state`` (and so in the checkpoints: a resumed run trains on the same subsets)."""
-    from engine.train.adaptive import due, reselect, warm_passes
+    from engine.train.adaptive import due, reselect, warm_passes, warm_selection
 
     cfg = run["cfg"]
     if not due(cfg.adaptive.every, epoch, run["from_manifest"], warm_passes(cfg.adaptive.warm_start)):
@@ -172,8 +172,11 @@ def _maybe_reselect(run: dict, state: dict, epoch: int) -> None:
         from engine.distributed.runtime import task_map
 
         how = {"mapper": task_map if run["session"].in_process and ray.is_initialized() else map}
-    r = reselect(_unwrap(run["model"]), run["full"], run["info"], run["device"], cfg.adaptive, cfg.seed, epoch,
-                 previous, **how)
+    which = warm_selection(cfg.adaptive, epoch)
+    r = reselect(_unwrap(run["model"]), run["full"], run["info"], run["device"], which, cfg.seed, epoch,
+                 previous, batch_size=cfg.optim.batch_size, weigh=which is cfg.adaptive, **how)
+    if r is not None and which is not cfg.adaptive:
+        r.record.update(selector="geda (warm start)", params={})
     if run["world"] > 1:  # rank 0's selection is everyone's, whatever each worker's floating-point luck
         box = [r]
         torch.distributed.broadcast_object_list(box, src=0)
@@ -184,7 +187,7 @@ def _maybe_reselect(run: dict, state: dict, epoch: int) -> None:
     _use_selection(run, chosen)
     if run["rank"] == 0:
         overlap = "" if r.record["overlap"] is None else f", {r.record['overlap']:.0%} kept"
-        print(f"train: selected {len(r.ids)} of {len(run['full'])} samples before pass {epoch} ({cfg.adaptive.selector}; "
+        print(f"train: selected {len(r.ids)} of {len(run['full'])} samples before pass {epoch} ({r.record['selector']}; "
               f"scoring {r.record['scoring_s']:.1f} s, solving {r.record['solving_s']:.1f} s{overlap})", flush=True)
 
 
@@ -650,8 +653,8 @@ def keep_outputs(checkpoint_dir: Path, out: Path, cfg: TrainConfig) -> None:
 
     counters = load_tensors(checkpoint_dir / "state.pt", STATE)["counters"]
     for chosen, record in zip(counters["selections"], counters["reselections"]):
-        meta = {"kind": "manifest", "adaptive": True, **record, "fraction": cfg.adaptive.fraction,
-                "params": cfg.adaptive.params, "seed": cfg.seed, "environment": artifacts.environment()}
+        meta = {"kind": "manifest", "adaptive": True, "params": cfg.adaptive.params, **record,
+                "fraction": cfg.adaptive.fraction, "seed": cfg.seed, "environment": artifacts.environment()}
         artifacts.write_manifest(out / "selections" / f"pass-{record['epoch']:03d}.parquet", chosen["ids"].numpy(),
                                  chosen["weight"].numpy(), meta)
 

@@ -52,12 +52,13 @@ def selector(name: str, *, reads: str = "score", column: Optional[str] = None, w
              params: Optional[Dict[str, tuple]] = None) -> Callable:
     """Decorator: register ``fn`` as selector ``name``. ``params``: ``{name: (help, rule)}`` for
     each keyword-only parameter of ``fn`` besides ``seed`` (and ``mapper``, the class map the
-    stage may hand over); its default is the signature's."""
+    stage may hand over, and ``embeddings``, the [N, d] gradient embeddings a selector that reads
+    a score may also take: online GEDA's weights); its default is the signature's."""
     if reads not in READS:
         raise ValueError(f"selector {name!r}: reads must be one of {READS}, got {reads!r}")
 
     def deco(fn: Callable) -> Callable:
-        described = describe(f"selector {name!r}", fn, params, skip=("seed", "mapper"))
+        described = describe(f"selector {name!r}", fn, params, skip=("seed", "mapper", "embeddings"))
         SELECTORS.register(name)(SelectorEntry(name, fn, reads, column, weights, described, summary(fn)))
         return fn
 

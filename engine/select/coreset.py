@@ -237,24 +237,53 @@ def gradmatch_class(g: np.ndarray, k: int, lam: float, rng: np.random.Generator,
     return picks, info, weights
 
 
+def gradmatch_batches(g: np.ndarray, k: int, lam: float, rng: np.random.Generator, tol: float, batch: int):
+    """GRAD-MATCH-PB (the per-batch variant of the GRAD-MATCH paper and of CORDS's
+    GradMatchPB) for one class: its rows in a random order (``rng``) cut into mini-batches of
+    ``batch`` rows (the last one shorter), each batch's summed gradient embedding one atom;
+    ``gradmatch_class`` picks ceil(k / batch) batches on the atoms, every row of a batch
+    takes its batch's weight, and the rows are cut to k from the end (the random fill first,
+    then the part of the last batch picked that does not fit). The OMP runs on n / batch
+    atoms instead of n samples, and the same target (the class's summed gradient)."""
+    g = np.asarray(g, dtype=np.float64)
+    order = rng.permutation(len(g))
+    starts = np.arange(0, len(g), batch)
+    atoms = np.add.reduceat(g[order], starts, axis=0)
+    groups = np.split(order, starts[1:])
+    picks, info, w = gradmatch_class(atoms, min(len(atoms), -(-k // batch)), lam, rng, tol)
+    rows = np.concatenate([groups[j] for j in picks])
+    weight = np.concatenate([np.full(len(groups[j]), wj) for j, wj in zip(picks, w)])
+    if len(rows) < k:  # a short last batch among the picks: fill at random with weight 1, as OMP does
+        extra = rng.choice(np.setdiff1d(np.arange(len(g)), rows), k - len(rows), replace=False)
+        rows, weight = np.concatenate([rows, extra]), np.concatenate([weight, np.ones(len(extra))])
+    info = {**info, "batch": int(batch), "batches": int(len(picks))}
+    return rows[:k], info, weight[:k]
+
+
 @selector("gradmatch", reads="embeddings", column="grad_embedding", weights=True,
           params={"lam": ("ridge regulariser of the weights", at_least(0)),
                   "tol": ("stop OMP at this relative residual and fill the rest at random",
-                          Rule(lo=0, hi=1, hi_open=True))})
-def gradmatch(scores, labels, fraction, *, seed: int = 0, lam: float = 0.5, tol: float = 1e-4, mapper=map,
-              **params) -> Selection:
+                          Rule(lo=0, hi=1, hi_open=True)),
+                  "batch": ("1: OMP picks samples; B > 1: it picks per-class mini-batches of B samples "
+                            "(GRAD-MATCH-PB, a solve on n / B atoms)", at_least(1))})
+def gradmatch(scores, labels, fraction, *, seed: int = 0, lam: float = 0.5, tol: float = 1e-4, batch: int = 1,
+              mapper=map, **params) -> Selection:
     """GRAD-MATCH (Killamsetty et al., ICML 2021), per class: OMP picks samples whose weighted
     gradient embeddings (weights > 0, ridge ``lam``, the paper's regulariser; default 0.5 as in
     its reference code) match the class's gradient, stopping at relative residual ``tol``
-    (default 1e-4, the reference code's) and filling the budget at random with weight 1."""
+    (default 1e-4, the reference code's) and filling the budget at random with weight 1.
+    ``batch`` B > 1 is the paper's per-batch variant (GRAD-MATCH-PB): the atoms are random
+    per-class mini-batches of B samples, each picked batch's rows sharing its weight."""
     if params:
         raise ConfigError(f"selector 'gradmatch' takes no parameter(s) {sorted(params)}")
     if lam < 0:
         raise ConfigError(f"gradmatch lam must be >= 0, got {lam}")
     if not 0 <= tol < 1:
         raise ConfigError(f"gradmatch tol must be in [0, 1), got {tol}")
+    if int(batch) != batch or batch < 1:
+        raise ConfigError(f"gradmatch batch must be a whole number >= 1, got {batch}")
     g = check_scores(scores, labels, "gradmatch", matrix=True)
-    return per_class(g, labels, fraction, seed, _GradMatchPick(float(lam), float(tol)), mapper=mapper)
+    return per_class(g, labels, fraction, seed, _GradMatchPick(float(lam), float(tol), int(batch)), mapper=mapper)
 
 
 class _CraigPick:
@@ -265,8 +294,10 @@ class _CraigPick:
 
 
 class _GradMatchPick:
-    def __init__(self, lam: float, tol: float):
-        self.lam, self.tol = lam, tol
+    def __init__(self, lam: float, tol: float, batch: int = 1):
+        self.lam, self.tol, self.batch = lam, tol, batch
 
     def __call__(self, s, n, k, rng):
+        if self.batch > 1:
+            return gradmatch_batches(s, k, self.lam, rng, self.tol, self.batch)
         return gradmatch_class(s, k, self.lam, rng, self.tol)

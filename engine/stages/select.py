@@ -3,6 +3,7 @@ manifest out, with its provenance. No Ray unless a GEDA MILP solver runs its cla
 tasks on a Ray that is already up."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -45,6 +46,10 @@ def select_stage(cfg: SelectConfig) -> SelectResult:
             call[p.name] = _score_column(table, params[p.name], cfg.scores, what) if params.get(p.name) else None
     if cfg.selector == "geda" and params.get("solver", "exact") != "exact":
         call["mapper"] = _class_mapper()
+    if fn.reads == "score" and cfg.embeddings and "embeddings" in inspect.signature(fn.fn).parameters:
+        # a score selector that also weighs by gradient embeddings (GEDA: online GEDA's weights at R = 0)
+        call["embeddings"], source = _embeddings(cfg.embeddings, "grad_embedding", ids)[0], \
+            f"{source} + {cfg.embeddings}"
     sel = fn(values, np.zeros_like(labels) if cfg.global_rank else labels, cfg.fraction, seed=cfg.seed, **call)
     meta = {"kind": "manifest", "selector": cfg.selector, "fraction": cfg.fraction, "column": column,
             "seed": cfg.seed, "global": cfg.global_rank, "params": params, "scores": str(cfg.scores),

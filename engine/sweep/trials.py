@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List
 
-from engine.config import AdaptiveConfig, TrainConfig
+from engine.config import TrainConfig
 from engine.sweep.config import SweepConfig, parse_selection
 
 
@@ -71,8 +71,8 @@ def trial_train_config(cfg: SweepConfig, base: TrainConfig, t: dict, out: Path) 
     manifest = str(out / "manifests" / manifest_name(t)) if offline(t) else None
     adaptive = base.adaptive
     if t.get("reselect_every"):
-        adaptive = AdaptiveConfig(every=t["reselect_every"], selector=t["selection"], fraction=t["fraction"],
-                                  params=dict(cfg.selector_params.get(t["selector"]) or {}), warm_start=t["warm_start"])
+        adaptive = replace(base.adaptive, every=t["reselect_every"], selector=t["selection"], fraction=t["fraction"],
+                           params=dict(cfg.selector_params.get(t["selector"]) or {}), warm_start=t["warm_start"])
     tc = replace(base, manifest=manifest, seed=t["seed"], curvature_lambda=t["curvature_lambda"], workers=workers,
                  adaptive=adaptive,
                  gpus=float(r.gpus_per_trial) / workers, cpus_per_worker=float(r.cpus_per_trial) / workers,

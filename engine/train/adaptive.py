@@ -69,14 +69,28 @@ def selection_seed(seed: int, epoch: int) -> int:
 
 
 def warm_passes(warm_start: str) -> int:
-    """``"none"`` -> 0; ``"full:K"`` -> K (the passes over the whole training split first)."""
-    if warm_start == "none":
+    """``"none"`` and ``"geda"`` -> 0; ``"full:K"`` -> K (the passes over the whole training
+    split first)."""
+    if warm_start in ("none", "geda"):
         return 0
     kind, _, k = str(warm_start).partition(":")
     if kind != "full" or not k.isdigit() or int(k) < 1:
-        raise ConfigError(f"warm_start must be 'none' or 'full:K' with K >= 1 passes over the whole training split "
-                          f"(as CORDS's warm start), got {warm_start!r}")
+        raise ConfigError(f"warm_start must be 'none', 'full:K' with K >= 1 passes over the whole training split "
+                          f"(as CORDS's warm start) or 'geda' (the offline GEDA subset until the first "
+                          f"reselection), got {warm_start!r}")
     return int(k)
+
+
+def warm_selection(cfg, epoch: int):
+    """The ``AdaptiveConfig`` of the selection made before pass ``epoch``: with
+    ``warm_start="geda"`` the first one (before pass 1) is offline GEDA (the GEDA thesis,
+    section 6.3: the GEDA subset of the untrained model's gradient norms, every weight 1,
+    instead of the full data for the first R passes); every other one is ``cfg``'s."""
+    from dataclasses import replace
+
+    if cfg.warm_start == "geda" and epoch == 1:
+        return replace(cfg, selector="geda", params={})
+    return cfg
 
 
 def due(every: int, epoch: int, from_manifest: bool, warm: int = 0) -> bool:
@@ -108,15 +122,21 @@ def adaptive_plan(n: int, global_batch: int, epochs: int, budget: str, full_n: i
 
 
 def selector_input(model: torch.nn.Module, split, info, device: torch.device, kind: str, column: Optional[str],
-                   batch_size: int = 512) -> Optional[np.ndarray]:
+                   batch_size: int = 512, precision: str = "float32") -> Optional[np.ndarray]:
     """What the selector reads, for every row of ``split`` in its order, on ``model`` as it
-    is: float64 [N] scores, [N, D] gradient embeddings, or None (``kind`` "nothing")."""
+    is: float64 [N] scores, [N, D] gradient embeddings, or None (``kind`` "nothing").
+    ``precision`` "bf16" runs it under bf16 autocast: the embeddings (one forward; within 1 %
+    of float32) and the scorers ``engine.scores.runs_in_bf16`` allows, as ``jobs.score
+    --precision bf16`` does."""
     if kind == "nothing":
         return None
-    from engine.scores import SCORERS
+    import contextlib
+
+    from engine.scores import SCORERS, runs_in_bf16
     from engine.scores.embeddings import grad_embedding
     from engine.train import batch_to_input
 
+    bf16 = precision == "bf16" and (kind == "embeddings" or runs_in_bf16(column, precision))
     was_training = model.training
     out = []
     try:
@@ -124,7 +144,8 @@ def selector_input(model: torch.nn.Module, split, info, device: torch.device, ki
             idx = np.arange(start, min(len(split), start + batch_size))
             x = batch_to_input(split.image[idx], info, device)
             y = torch.as_tensor(np.asarray(split.label[idx]), device=device).long()
-            v = grad_embedding(model, x, y) if kind == "embeddings" else SCORERS[column](model, x, y)
+            with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                v = grad_embedding(model, x, y) if kind == "embeddings" else SCORERS[column](model, x, y)
             out.append(v.detach().float().cpu().numpy())
     finally:
         model.train(was_training)
@@ -133,7 +154,8 @@ def selector_input(model: torch.nn.Module, split, info, device: torch.device, ki
 
 def reselect(model: torch.nn.Module, full, info, device: torch.device, cfg, seed: int, epoch: int,
              previous: Optional[np.ndarray] = None, mapper: Callable = map,
-             gather: Optional[Callable] = None, solve: bool = True) -> Optional[Reselection]:
+             gather: Optional[Callable] = None, solve: bool = True, batch_size: int = 512,
+             weigh: bool = True) -> Optional[Reselection]:
     """The subset for the passes from ``epoch`` on: ``cfg`` (an ``AdaptiveConfig``) applied to
     ``full`` (the whole training split) with the current ``model``. ``previous``: the ids of
     the subset it replaces (for the overlap in the record). ``mapper``: how the selector's
@@ -141,7 +163,12 @@ def reselect(model: torch.nn.Module, full, info, device: torch.device, cfg, seed
     ``gather``: for data-parallel workers, an object with ``rank``, ``world`` and
     ``gather(positions, values) -> the values of every row``: this worker recomputes the input
     of its share of the rows only (``shard_of``) and the workers exchange them; with ``solve``
-    False it stops there and returns None (a worker that receives the selection instead)."""
+    False it stops there and returns None (a worker that receives the selection instead).
+    ``batch_size``: rows per forward of the recomputation (the training loop passes its own
+    batch size, chosen for its device: on 2 CPU cores small-cnn's forward over Fashion-MNIST
+    takes 5 s in batches of 128 and 10 s in batches of 512, the cache's doing). ``weigh`` False:
+    a selector that would also weigh its subset by the gradient embeddings (online GEDA) does
+    not (the offline GEDA of ``--warm-start geda``)."""
     from engine.select import SELECTORS, parse_selection
 
     name, column = parse_selection(cfg.selector)
@@ -149,25 +176,46 @@ def reselect(model: torch.nn.Module, full, info, device: torch.device, cfg, seed
     order = np.argsort(np.asarray(full.sample_id), kind="stable")
     ids = np.asarray(full.sample_id)[order]
     labels = np.asarray(full.label)[order].astype(np.int64)
+    takes = inspect.signature(entry.fn).parameters
+    # a score-reading selector that also takes embeddings (online GEDA) gets both, as columns [score, embedding...]
+    both = weigh and entry.reads == "score" and "embeddings" in takes
+
+    def recompute(split):
+        v = selector_input(model, split, info, device, entry.reads, column, batch_size, cfg.precision)
+        return np.column_stack([v, selector_input(model, split, info, device, "embeddings", None, batch_size,
+                                                  cfg.precision)]) if both else v
+
     t0 = time.time()
     if gather is None:
-        values = selector_input(model, full, info, device, entry.reads, column)
+        values = recompute(full)
         values = None if values is None else values[order]
     else:
         mine = shard_of(len(full), gather.rank, gather.world)
-        values = gather(mine, selector_input(model, full.subset(ids[mine]), info, device, entry.reads, column))
+        values = gather(mine, recompute(full.subset(ids[mine])))
     t1 = time.time()
     if not solve:
         return None
-    kwargs = {"mapper": mapper} if "mapper" in inspect.signature(entry.fn).parameters else {}
+    kwargs = {"mapper": mapper} if "mapper" in takes else {}
+    if both:
+        values, kwargs["embeddings"] = values[:, 0], values[:, 1:]
     sel = entry(values, labels, cfg.fraction, seed=selection_seed(seed, epoch), **cfg.params, **kwargs)
     t2 = time.time()
-    chosen = ids[sel.index]
-    w = np.asarray(sel.weight, dtype=np.float64)
+    return Reselection(ids[sel.index], np.asarray(sel.weight, dtype=np.float64),
+                       _record(cfg, epoch, ids[sel.index], previous, sel.info, t1 - t0, t2 - t1))
+
+
+def _record(cfg, epoch: int, chosen: np.ndarray, previous, info: dict, scoring_s: float, solving_s: float) -> dict:
+    """A reselection's entry in the run's metrics; with the gradient-matching error of the
+    weighted subset against its class's summed gradient (GRAD-MATCH's Err, relative to the
+    class gradient's norm; online GEDA's weight fit) averaged over classes, where the
+    selector reports it."""
     record = {"epoch": int(epoch), "selector": cfg.selector, "size": int(len(chosen)),
-              "scoring_s": round(t1 - t0, 4), "solving_s": round(t2 - t1, 4),
+              "scoring_s": round(scoring_s, 4), "solving_s": round(solving_s, 4),
               "overlap": None if previous is None else float(np.isin(chosen, previous).mean()) if len(chosen) else 0.0}
-    return Reselection(chosen, w, record)
+    errors = [c["relative_error"] for c in info.get("classes", {}).values() if "relative_error" in c]
+    if errors:
+        record["match_error"] = float(np.mean(errors))
+    return record
 
 
 def shard_of(n: int, rank: int, world: int) -> np.ndarray:
