@@ -108,7 +108,7 @@ class AdaptiveConfig:
     selector: str = "gradmatch"        # NAME, or NAME:SCORER for a ranking selector (topk:el2n)
     fraction: float = 0.1              # of each class, as jobs.select's --fraction
     params: dict = field(default_factory=dict)  # the selector's own parameters (lam, offset, beta, ...)
-    warm_start: str = "none"           # "full:K": the whole training split for passes 1..K, the first selection before K+1
+    warm_start: str = "none"           # "full:K": whole split for passes 1..K, first selection before K+1; "geda"
     precision: str = "float32"         # "bf16": the recomputation's forward under bf16 autocast (as jobs.score --precision)
 
     def validate(self) -> None:

@@ -19,9 +19,10 @@ def add_adaptive_flags(p: argparse.ArgumentParser, d) -> None:
                         "scorer it recomputes, e.g. topk:el2n, ccs:el2n, geda:grand (default %(default)s)")
     p.add_argument("--fraction", type=float, default=d.fraction,
                    help="adaptive: fraction of each class to train on (default %(default)s)")
-    p.add_argument("--warm-start", default=d.warm_start, metavar="full:K",
-                   help="adaptive: train on the whole training split for passes 1..K, then select before pass K+1 "
-                        "(CORDS's warm start; default %(default)s)")
+    p.add_argument("--warm-start", default=d.warm_start, metavar="full:K|geda",
+                   help="adaptive: full:K trains on the whole training split for passes 1..K, then selects before "
+                        "pass K+1 (CORDS's warm start); geda trains on the offline GEDA subset of the untrained "
+                        "model until pass 1+R (the GEDA thesis, 6.3) (default %(default)s)")
     p.add_argument("--select-params", type=parse_params, default={}, metavar="NAME=VALUE,...",
                    help="adaptive: the selector's own parameters, as jobs.select's flags, e.g. lam=0.5 or offset=0.1")
     p.add_argument("--select-precision", choices=["float32", "bf16"], default=d.precision,

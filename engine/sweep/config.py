@@ -36,7 +36,7 @@ class ParamSpace:
     curvature_lambda: Tuple[float, ...] = (0.0,)  # SLo-Curves λ
     variant: Tuple[str, ...] = ("standard",)     # names under `variants`
     reselect_every: Tuple[int, ...] = (0,)       # R: 0 selects once before training (offline); R > 0 adaptively
-    warm_start: Tuple[str, ...] = ("none",)      # adaptive trials: "none" or "full:K"
+    warm_start: Tuple[str, ...] = ("none",)      # adaptive trials: "none", "full:K" or "geda"
 
     def validate(self) -> None:
         for f in fields(self):
