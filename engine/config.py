@@ -213,6 +213,10 @@ class TrainConfig:
         self.adaptive.validate()
         if self.adaptive.every and self.loader == "ray-data":
             raise ConfigError("--reselect-every needs the in-memory loader (each worker scores the whole training split)")
+        if self.adaptive.every and self.adaptive.selector == "infobatch" and (self.budget != "epochs" or
+                                                                            self.weighting != "loss"):
+            raise ConfigError("--selector infobatch prunes passes and rescales losses: it needs --budget epochs and "
+                              "--weighting loss")
 
     @property
     def model_options(self) -> dict:

@@ -15,8 +15,9 @@ def add_adaptive_flags(p: argparse.ArgumentParser, d) -> None:
                         "model over the whole training split (with --manifest, train on it until pass 1+R); "
                         "0: off (default)")
     p.add_argument("--selector", default=d.selector,
-                   help="the adaptive selector: gradmatch, craig, random, or a ranking selector with the model "
-                        "scorer it recomputes, e.g. topk:el2n, ccs:el2n, geda:grand (default %(default)s)")
+                   help="the adaptive selector: gradmatch, craig, random, geda (online GEDA), a ranking selector with "
+                        "the model scorer it recomputes, e.g. topk:el2n, ccs:el2n, or infobatch (InfoBatch's "
+                        "dynamic pruning, with --reselect-every 1; prune_ratio=0.5,delta=0.875) (default %(default)s)")
     p.add_argument("--fraction", type=float, default=d.fraction,
                    help="adaptive: fraction of each class to train on (default %(default)s)")
     p.add_argument("--warm-start", default=d.warm_start, metavar="full:K|geda",

@@ -128,6 +128,8 @@ def _train_loop(loop_cfg: dict, session=None) -> None:
         timing("train.timing", phase="pass_start", epoch=epoch)
         t0 = time.time()
         steps, seen, loss = _one_pass(run, epoch, total_steps - state["steps"])
+        if "infobatch_pos" in run:
+            _infobatch_after(run, state, steps)
         timing("train.timing", phase="trained", epoch=epoch)
         state["train_time_s"] += time.time() - t0
         state["steps"] += steps
@@ -164,6 +166,8 @@ def _maybe_reselect(run: dict, state: dict, epoch: int) -> None:
     cfg = run["cfg"]
     if not due(cfg.adaptive.every, epoch, run["from_manifest"], warm_passes(cfg.adaptive.warm_start)):
         return
+    if cfg.adaptive.selector == "infobatch":
+        return _infobatch_select(run, state, epoch)
     previous = state["selections"][-1]["ids"].numpy() if state["selections"] else \
         (np.asarray(run["train"].sample_id) if run["from_manifest"] else None)
     if run["world"] > 1:  # each worker recomputes its share of the input; rank 0 selects, everyone trains on it
@@ -211,10 +215,59 @@ class _Gather:
 
 
 def _use_selection(run: dict, chosen: dict) -> None:
-    """Train on ``chosen`` from now on, its weights normalised as a manifest's (``_worker_data``)."""
+    """Train on ``chosen`` from now on, its weights normalised as a manifest's (``_worker_data``),
+    or as they are for InfoBatch's (``raw``: its 1 / keep ratio is the point)."""
     run["train"] = run["full"].subset(chosen["ids"].numpy())
     weight = chosen["weight"].numpy().astype(np.float64)
-    run["weight"] = weight / weight.mean()
+    run["weight"] = weight if chosen.get("raw") else weight / weight.mean()
+
+
+def _infobatch_select(run: dict, state: dict, epoch: int) -> None:
+    """InfoBatch (``engine.train.infobatch``) before pass ``epoch``: the rows it trains on and
+    their loss weights, from the latest losses (``state["scores"]``, in sample_id order; kept
+    in the checkpoints, so a resumed run prunes as the first one would have)."""
+    from engine.train import infobatch as ib
+    from engine.train.adaptive import selection_seed
+
+    cfg, t0 = run["cfg"], time.time()
+    p = ib.check_params(cfg.adaptive.params)
+    ids = np.sort(np.asarray(run["full"].sample_id))
+    if "scores" not in state:
+        state["scores"] = torch.full((len(ids),), ib.INITIAL_SCORE, dtype=torch.float64)
+    if ib.prunes(epoch, run["passes"], p["delta"]):
+        pos, w = ib.prune(state["scores"].numpy(), p["prune_ratio"], np.random.default_rng(selection_seed(cfg.seed, epoch)))
+    else:
+        pos, w = np.arange(len(ids)), np.ones(len(ids))
+    previous = state["selections"][-1]["ids"].numpy() if state["selections"] else None
+    chosen = {"epoch": epoch, "ids": torch.as_tensor(ids[pos]), "weight": torch.as_tensor(w), "raw": True}
+    record = {"epoch": epoch, "selector": "infobatch", "size": int(len(pos)), "scoring_s": 0.0,
+              "solving_s": round(time.time() - t0, 4), "pruned": int(len(ids) - len(pos)),
+              "rescaled": int((w != 1).sum()), "scored": int((state["scores"] != ib.INITIAL_SCORE).sum()),
+              "overlap": None if previous is None else float(np.isin(ids[pos], previous).mean())}
+    state["selections"] = [chosen]  # the current one only: the next is drawn from the scores the checkpoint holds
+    state["reselections"].append(record)
+    _use_selection(run, chosen)
+    run["infobatch_pos"] = pos  # the full split's positions (sample_id order) of the rows trained on in this pass
+    if run["rank"] == 0:
+        print(f"train: infobatch before pass {epoch}: {len(pos)} of {len(ids)} samples ({record['pruned']} pruned, "
+              f"{record['rescaled']} rescaled)", flush=True)
+
+
+def _infobatch_after(run: dict, state: dict, steps: int) -> None:
+    """After an InfoBatch pass: every worker's per-sample losses, gathered by position, become
+    the scores of the samples they saw; the learning-rate schedule moves on by a full pass's
+    steps, so the rate at each pass is the full-data run's."""
+    pos, seen = run["infobatch_pos"], run.pop("pass_losses").cpu().numpy()
+    visited = ~np.isnan(seen)
+    parts = [(pos[visited], seen[visited])]
+    if run["world"] > 1:
+        parts = [None] * run["world"]
+        torch.distributed.all_gather_object(parts, (pos[visited], seen[visited]))
+    for where, values in parts:
+        state["scores"][torch.as_tensor(where)] = torch.as_tensor(values)
+    full_pass = math.ceil(len(state["scores"]) / (run["cfg"].optim.batch_size * run["world"]))
+    for _ in range(max(0, full_pass - steps)):
+        run["sched"].step()
 
 
 def _worker_data(cfg: TrainConfig, loop_cfg: dict, source, rank: int) -> dict:
@@ -233,7 +286,9 @@ def _worker_data(cfg: TrainConfig, loop_cfg: dict, source, rank: int) -> dict:
             weight = np.asarray(loop_cfg["weight"], dtype=np.float64)
             weight = weight / weight.mean()
         n_rows = len(train)
-        if cfg.adaptive.every and loop_cfg.get("ids") is None:  # chosen before pass 1: its planned size
+        if cfg.adaptive.every and loop_cfg.get("ids") is None and cfg.adaptive.selector == "infobatch":
+            n_rows = full_n  # the steps are planned for full passes (engine.train.infobatch)
+        elif cfg.adaptive.every and loop_cfg.get("ids") is None:  # chosen before pass 1: its planned size
             from engine.select.quota import class_quotas
 
             n_rows = int(class_quotas(np.bincount(np.asarray(full.label)), cfg.adaptive.fraction).sum())
@@ -278,8 +333,12 @@ def _one_pass(run: dict, epoch: int, steps_left: int) -> tuple:
     batches = batches[:steps_left]
     mine = [b[run["rank"] * B:(run["rank"] + 1) * B] for b in batches]
     sample_w = weight if cfg.weighting == "loss" else None
+    losses = None
+    if "infobatch_pos" in run:  # InfoBatch: this pass's per-sample losses become the scores (NaN: another worker's rows)
+        losses = run["pass_losses"] = torch.full((len(train),), float("nan"), dtype=torch.float64, device=run["device"])
     loss, _ = train_epoch(run["model"], run["opt"], run["sched"], train, run["info"], [b for b in mine if len(b)],
-                          run["device"], sample_w, run["penalty"], _array_augment(source, train, transform, cfg.seed, epoch))
+                          run["device"], sample_w, run["penalty"], _array_augment(source, train, transform, cfg.seed, epoch),
+                          losses)
     return len(batches), int(sum(len(b) for b in batches)), loss
 
 
@@ -652,7 +711,9 @@ def keep_outputs(checkpoint_dir: Path, out: Path, cfg: TrainConfig) -> None:
     from engine import artifacts
 
     counters = load_tensors(checkpoint_dir / "state.pt", STATE)["counters"]
-    for chosen, record in zip(counters["selections"], counters["reselections"]):
+    records = {r["epoch"]: r for r in counters["reselections"]}
+    for chosen in counters["selections"]:  # (InfoBatch keeps its last pass's only)
+        record = records[int(chosen["epoch"])]
         meta = {"kind": "manifest", "adaptive": True, "params": cfg.adaptive.params, **record,
                 "fraction": cfg.adaptive.fraction, "seed": cfg.seed, "environment": artifacts.environment()}
         artifacts.write_manifest(out / "selections" / f"pass-{record['epoch']:03d}.parquet", chosen["ids"].numpy(),

@@ -48,7 +48,10 @@ def check_adaptive(cfg) -> None:
     from engine.scores import SCORERS
     from engine.select import SELECTORS, check_selector_params, parse_selection
     from engine.select.quota import check_fraction
+    from engine.train import infobatch
 
+    if cfg.selector == infobatch.NAME:
+        return infobatch.check_adaptive(cfg)
     check_fraction(cfg.fraction)
     warm_passes(cfg.warm_start)
     name, column = parse_selection(cfg.selector)

@@ -123,6 +123,7 @@ def train_epoch(
     weight: Optional[np.ndarray] = None,
     penalty: Optional[Callable] = None,
     images: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    losses: Optional[torch.Tensor] = None,
 ) -> tuple[float, np.ndarray]:
     """One pass over ``batches`` (arrays of positions into ``split``).
 
@@ -141,6 +142,9 @@ def train_epoch(
     ``images``: optional ``positions -> uint8 [B, H, W, C]``, the training transform of this
     pass (``Source.augment`` for this epoch); default: ``split.image`` as stored.
 
+    ``losses``: optional float64 [N] on ``device``: each visited sample's loss in its step
+    (before its weight) is written at its position (InfoBatch's scores).
+
     Returns (mean loss over the pass, correct: bool [N] with each visited sample's
     correctness in its own minibatch, as forgetting scores need; unvisited stay False).
     """
@@ -153,21 +157,33 @@ def train_epoch(
         x = batch_to_input(split.image[idx] if images is None else images(idx), info, device)
         y = torch.as_tensor(split.label[idx], device=device)
         w = None if weight is None else torch.as_tensor(weight[idx], device=device)
-        logits, loss = train_step(model, opt, sched, x, y, w, penalty)
+        keep = None if losses is None else _writer(losses, torch.as_tensor(idx, device=device))
+        logits, loss = train_step(model, opt, sched, x, y, w, penalty, keep)
         correct[torch.as_tensor(idx, device=device)] = logits.argmax(1) == y
         total += loss * len(idx)
         count += len(idx)
     return float(total) / max(count, 1), correct.cpu().numpy()
 
 
+def _writer(losses: torch.Tensor, at: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    def write(values: torch.Tensor) -> None:
+        losses[at] = values.double()
+
+    return write
+
+
 def train_step(model: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor] = None,
-               penalty: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               penalty: Optional[Callable] = None,
+               keep: Optional[Callable[[torch.Tensor], None]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on ``mean_b(w_b · (CE_b + penalty_b))``; returns the detached logits
-    and the float64 loss (both still on the device)."""
+    and the float64 loss (both still on the device). ``keep``, if given, receives the
+    detached per-sample ``CE_b + penalty_b``."""
     logits = model(x)
     ce = F.cross_entropy(logits, y, reduction="none")
     if penalty is not None:
         ce = ce + penalty(model, x, y)
+    if keep is not None:
+        keep(ce.detach())
     if w is not None:
         ce = ce * w.to(ce.dtype)
     loss = ce.mean()
