@@ -136,6 +136,11 @@ def test_shipped_configs_expand_and_validate(tmp_path):
     assert len(sel) == len(labels) * 5 * 3 + 3
     lam = n["slo_curves_lambda"]
     assert {t["curvature_lambda"] for t in lam} == {0, 0.5, 1, 5, 10, 20, 50}
+    ada = n["adaptive"]
+    assert len(ada) == 2 * (4 * (1 + 3 * 3) * 2 + 2)
+    assert sorted(t["key"] for t in ada if t["selector"] == "infobatch") == ["infobatch-r1-s0", "infobatch-r1-s1"]
+    assert {(t["reselect_every"], t["warm_start"]) for t in ada if t["selector"] == "craig"} == \
+        {(0, "none")} | {(r, w) for r in (1, 5, 20) for w in ("none", "full:2", "geda")}
     geda = {t["selector"] for t in n["geda_thesis"]}
     assert geda == {"full", "geda", "random", "random_quantile", "evenly_spaced", "craig", "gradmatch"}
 
@@ -288,3 +293,26 @@ def test_reselect_every_and_warm_start_are_grid_keys(tmp_path):
     spec["param_space"]["warm_start"] = ["half:2"]
     with pytest.raises(ConfigError, match=r"warm_start\[0\]"):
         sweep_from_dict(spec)
+
+
+def test_the_adaptive_sweep_smoke_runs_offline_adaptive_and_infobatch_trials(ray_local, run_job, tmp_path):
+    """tune_configs/adaptive.yaml --smoke-test: offline, adaptive (cold and GEDA warm start) and
+    InfoBatch trials side by side; each trial's results carry what it cost."""
+    out = tmp_path / "adaptive"
+    code, _, err = run_job(sweep, ["--config", ROOT / "tune_configs" / "adaptive.yaml", "--smoke-test", "--out", out])
+    assert code == 0, err
+    rows = {r["trial_id"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
+    assert sorted(rows) == sorted(["full-s0", "gradmatch-f0.3-s0", "gradmatch-r2-f0.3-s0", "gradmatch-r2-wgeda-f0.3-s0",
+                                   "geda-gradnorm_init-f0.3-s0", "geda-gradnorm_init-r2-f0.3-s0",
+                                   "geda-gradnorm_init-r2-wgeda-f0.3-s0", "infobatch-r1-s0"])
+    full, ib = rows["full-s0"], rows["infobatch-r1-s0"]
+    assert ib["label"] == "infobatch" and ib["reselect_every"] == 1 and ib["fraction"] == 1.0
+    assert ib["samples_seen"] < full["samples_seen"] and ib["selection_time_s"] < 1
+    for key in ("gradmatch-r2-f0.3-s0", "geda-gradnorm_init-r2-wgeda-f0.3-s0"):
+        r = rows[key]
+        assert r["selection_time_s"] > 0 and r["cost_s"] == pytest.approx(r["train_time_s"] + r["selection_time_s"])
+        m = json.loads((out / r["trial_dir"] / "metrics.json").read_text())
+        assert [x["epoch"] for x in m["reselections"]] == [1, 3]
+    warm = json.loads((out / "trials" / "geda-gradnorm_init-r2-wgeda-f0.3-s0" / "metrics.json").read_text())
+    assert warm["reselections"][0]["selector"] == "geda (warm start)" and "match_error" in warm["reselections"][1]
+    assert (out / "report" / "report.html").is_file()

@@ -175,7 +175,10 @@ def _maybe_reselect(run: dict, state: dict, epoch: int) -> None:
     else:  # alone: the selector's classes as Ray tasks on the CPUs this process leaves idle meanwhile
         from engine.distributed.runtime import task_map
 
-        how = {"mapper": task_map if run["session"].in_process and ray.is_initialized() else map}
+        # not inside a sweep trial: its placement group holds the trial's CPUs, and they are busy here
+        alone = run["session"].in_process and ray.is_initialized() and \
+            ray.get_runtime_context().get_placement_group_id() is None
+        how = {"mapper": task_map if alone else map}
     which = warm_selection(cfg.adaptive, epoch)
     r = reselect(_unwrap(run["model"]), run["full"], run["info"], run["device"], which, cfg.seed, epoch,
                  previous, batch_size=cfg.optim.batch_size, weigh=which is cfg.adaptive, **how)

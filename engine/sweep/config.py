@@ -143,6 +143,11 @@ class SweepConfig:
             if v not in self.variants:
                 raise ConfigError(f"param_space.variant {v!r} is not defined under variants ({sorted(self.variants)})")
         for name, params in self.selector_params.items():
+            if str(name) == "infobatch":
+                from engine.train.infobatch import check_params
+
+                check_params(dict(params or {}) if isinstance(params, dict) else params)
+                continue
             check_selector_params(str(name), dict(params or {}) if isinstance(params, dict) else params)
         self.base_train_config()
         if self.scores_path is None:
@@ -164,9 +169,14 @@ class SweepConfig:
 
 
 def parse_selection(text: str) -> tuple:
-    """A sweep's ``param_space.selector`` item: ``engine.select.parse_selection`` with ``full``."""
+    """A sweep's ``param_space.selector`` item: ``engine.select.parse_selection`` with ``full``
+    and ``infobatch`` (InfoBatch's dynamic pruning: an adaptive trial with R = 1 on all the data,
+    ``engine.train.infobatch``)."""
     from engine.select import parse_selection as parse
+    from engine.train import infobatch
 
+    if str(text).strip() == infobatch.NAME:
+        return infobatch.NAME, None
     return parse(text, allow_full=True)
 
 

@@ -14,10 +14,13 @@ from typing import List
 from engine.config import TrainConfig
 from engine.sweep.config import SweepConfig, parse_selection
 
+# selectors that train on all the data (InfoBatch prunes within it): no fraction of their own
+WHOLE = ("full", "infobatch")
+
 
 def trial_key(t: dict) -> str:
     head = t["selection"].replace(":", "-") if t["selector"] != "full" else "full"
-    frac = "" if t["selector"] == "full" else f"-f{t['fraction']:g}"
+    frac = "" if t["selector"] in WHOLE else f"-f{t['fraction']:g}"
     lam = f"-l{t['curvature_lambda']:g}" if t["curvature_lambda"] else ""
     var = "" if t["variant"] == "standard" else f"-{t['variant']}"
     every = f"-r{t['reselect_every']}" if t.get("reselect_every") else ""
@@ -35,9 +38,12 @@ def offline(t: dict) -> bool:
 
 
 def _adaptive_grid(name: str, ps) -> list:
-    """(R, warm start) pairs of a selector: (0, "none") for the full-data baseline and for R = 0."""
+    """(R, warm start) pairs of a selector: (0, "none") for the full-data baseline and for R = 0;
+    InfoBatch prunes before every pass and warms up on its own: (1, "none") only."""
     if name == "full":
         return [(0, "none")]
+    if name == "infobatch":
+        return [(1, "none")]
     return list(dict.fromkeys((int(r), str(w) if r else "none") for r in ps.reselect_every for w in ps.warm_start))
 
 
@@ -47,9 +53,10 @@ def expand_trials(cfg: SweepConfig) -> List[dict]:
     for sel in ps.selector:
         name, column = parse_selection(sel)
         for every, warm in _adaptive_grid(name, ps):
-            label = str(sel) if not every else f"{sel} R={every}" + ("" if warm == "none" else f" warm {warm}")
+            label = str(sel) if not every or name in WHOLE else \
+                f"{sel} R={every}" + ("" if warm == "none" else f" warm {warm}")
             for frac in ps.fraction:
-                f = 1.0 if name == "full" else float(frac)
+                f = 1.0 if name in WHOLE else float(frac)
                 for seed in ps.seed:
                     for lam in ps.curvature_lambda:
                         for var in ps.variant:
