@@ -83,7 +83,9 @@ def _results(out: Path, manifests: dict) -> None:
                         "column": column or None, "label": label, "fraction": frac, "seed": seed,
                         "curvature_lambda": lam, "gradreg": gradreg, "model_options": "{}", "variant": variant,
                         "budget": "epochs", "test_accuracy": acc, "train_size": int(6000 * frac), "steps": 100,
-                        "samples_seen": 6000, "train_time_s": 1.0, "wall_time_s": 2.0,
+                        "samples_seen": int(6000 * frac) * 4, "train_time_s": 10.0 * frac, "wall_time_s": 2.0,
+                        "selection_time_s": 0.0 if label == "full" else 3.0,
+                        "cost_s": 10.0 * frac + (0.0 if label == "full" else 3.0),
                         "grad_norm": rng.uniform(1, 2) if geo else np.nan,
                         "hessian_norm": rng.uniform(5, 9) if geo else np.nan,
                         "normalized_curvature": (rng.uniform(3, 4) - 5 * lam) if geo else np.nan,
@@ -137,8 +139,9 @@ def test_report_files(report: Path):
     for p in pngs:
         _png_ok(p.read_bytes())
     names = {p.name for p in pngs}
-    assert {"accuracy_vs_fraction.png", "lambda_curve.png", "geda_ecdf_gradnorm_init.png", "hist_el2n.png",
-            "curves_curvature.png", "images_gradnorm_init.png"} <= names
+    assert {"accuracy_vs_fraction.png", "accuracy_vs_cost.png", "lambda_curve.png", "geda_ecdf_gradnorm_init.png",
+            "hist_el2n.png", "curves_curvature.png", "images_gradnorm_init.png"} <= names
+    assert "Test accuracy vs what the run cost" in page
     for needle in ("LCNN geometry", "E C_f", "PGD ε=0.1", "KS geda:gradnorm_init", "KS topk:el2n", "Trouser"):
         assert needle in page, needle
     assert "Skipped sections" not in page  # every input exists

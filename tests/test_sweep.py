@@ -315,4 +315,9 @@ def test_the_adaptive_sweep_smoke_runs_offline_adaptive_and_infobatch_trials(ray
         assert [x["epoch"] for x in m["reselections"]] == [1, 3]
     warm = json.loads((out / "trials" / "geda-gradnorm_init-r2-wgeda-f0.3-s0" / "metrics.json").read_text())
     assert warm["reselections"][0]["selector"] == "geda (warm start)" and "match_error" in warm["reselections"][1]
-    assert (out / "report" / "report.html").is_file()
+    # an offline trial's selection: the score table's proxy training and scoring and its solve
+    offline = rows["gradmatch-f0.3-s0"]
+    assert offline["selection_time_s"] > 0
+    assert offline["cost_s"] == pytest.approx(offline["train_time_s"] + offline["selection_time_s"])
+    assert (out / "report" / "accuracy_vs_cost.png").is_file()
+    assert "Test accuracy vs what the run cost" in (out / "report" / "report.html").read_text()

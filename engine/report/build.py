@@ -127,6 +127,19 @@ class Builder:
                                                          .shape[0] > 1 else ""))
         s.blocks.append(("html", accuracy_table(df)))
 
+    def cost(self) -> None:
+        s = self.section("cost", "Test accuracy vs what the run cost")
+        df = self.run.results
+        if df is None or not np.isfinite(df["cost_s"]).any():
+            s.skipped = "no finished training run with its cost (results from before costs were recorded)"
+            return
+        self.figure(s, "accuracy_vs_cost", F.accuracy_vs_cost(df),
+                    "Each selection's mean test accuracy over seeds (a colour per selection, a marker per "
+                    "fraction; bars ±1 std) against the run's total seconds, training plus selection (log "
+                    "axis; offline subsets: the score table's proxy training and scoring plus the solve, what one "
+                    "such run pays alone; adaptive runs: every reselection's recomputation and solve), and against "
+                    "the samples it saw relative to the full-data run (the black star).")
+
     def lambda_curve(self) -> None:
         s = self.section("lambda", "Curvature penalty λ")
         df = self.run.results
@@ -436,7 +449,7 @@ def build_report(path: str | Path, out: Optional[str | Path] = None, data: Optio
         os.chmod(tmp, 0o777 & ~umask)
         b = Builder(run, Options(data, columns, per_class), tmp)
         b.score_columns()  # a bad --columns fails before any drawing
-        for step in (b.accuracy, b.lambda_curve, b.geometry, b.distributions, b.geda, b.images):
+        for step in (b.accuracy, b.cost, b.lambda_curve, b.geometry, b.distributions, b.geda, b.images):
             step()
         for sec in b.sections:  # a section that ended up with notes only counts as skipped
             if not sec.skipped and not any(k in ("fig", "html") for k, *_ in sec.blocks):

@@ -114,6 +114,56 @@ def accuracy_vs_fraction(df: pd.DataFrame) -> Figure:
     return fig
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+
+
+def accuracy_vs_cost(df: pd.DataFrame) -> Figure:
+    """Test accuracy against what each run cost: its total seconds (training + selection,
+    log axis) and the samples it saw relative to the full-data run's; a colour per selection
+    label, a marker per fraction, mean ± std over seeds in both axes; the full-data run a black
+    star. Rows without a cost (results from before costs were recorded) are left out."""
+    df = df[np.isfinite(df["cost_s"])]
+    full = df[df["label"] == "full"]
+    ref = float(full["samples_seen"].mean()) if len(full) else float(df["samples_seen"].max())
+    labels = sorted(set(df["label"]) - {"full"})
+    colors = dict(zip(labels, palette(len(labels))))
+    fracs = sorted(set(df.loc[df["label"] != "full", "fraction"]))
+    marker = {f: MARKERS[i % len(MARKERS)] for i, f in enumerate(fracs)}
+    fig = Figure(figsize=(11.0, 4.2 + 0.3 * math.ceil((len(labels) + len(fracs) + 1) / 4)), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    handles: Dict[str, object] = {}
+    for ax, col, scale, name in ((axes[0], "cost_s", 1.0, "total seconds (training + selection)"),
+                                 (axes[1], "samples_seen", ref, "samples seen / the full-data run's")):
+        if len(full):
+            (mx, sx, _), (my, sy, _) = mean_std(full[col] / scale), mean_std(full["test_accuracy"])
+            h = ax.errorbar([mx], [my], xerr=[sx], yerr=[sy], marker="*", markersize=13, color="black",
+                            linestyle="none", capsize=3)
+            handles.setdefault("full data", h)
+        for label in labels:
+            for frac, g in df[df["label"] == label].groupby("fraction"):
+                (mx, sx, _), (my, sy, _) = mean_std(g[col] / scale), mean_std(g["test_accuracy"])
+                h = ax.errorbar([mx], [my], xerr=[sx], yerr=[sy], marker=marker[frac], markersize=6, capsize=2,
+                                color=colors[label], linestyle="none")
+                handles.setdefault(label, h)
+        if col == "cost_s":
+            from matplotlib.ticker import FuncFormatter
+
+            ax.set_xscale("log")
+            plain = FuncFormatter(lambda v, _: f"{v:g}")
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
+        ax.set_xlabel(name)
+        ax.set_ylabel("test accuracy")
+        ax.tick_params(labelleft=True)
+        _style(ax)
+    for f in fracs:
+        handles[f"fraction {f:g}"] = axes[0].plot([], [], marker=marker[f], color="0.4", linestyle="none")[0]
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 4),
+               fontsize=9, frameon=False)
+    fig.suptitle("Test accuracy against what the run cost (mean ± std over seeds)", fontsize=11)
+    return fig
+
+
 # ---------------------------------------------------------------- 2 score distributions
 
 

@@ -24,7 +24,8 @@ from engine.errors import ConfigError, DataError
 GEOMETRY = ("grad_norm", "hessian_norm", "normalized_curvature")
 RESULT_DEFAULTS = {"selector": "full", "column": None, "label": "full", "fraction": 1.0, "seed": 0,
                    "curvature_lambda": 0.0, "gradreg": 0.0, "variant": "standard", "manifest": None,
-                   "test_accuracy": np.nan, "train_size": np.nan, **{g: np.nan for g in GEOMETRY}}
+                   "test_accuracy": np.nan, "train_size": np.nan, "cost_s": np.nan, "samples_seen": np.nan,
+                   **{g: np.nan for g in GEOMETRY}}
 
 
 @dataclass
@@ -149,6 +150,12 @@ def _sweep(root: Path) -> Run:
     return run
 
 
+def score_seconds(meta: Optional[dict]) -> float:
+    """What a score table cost to make (proxy training and scoring, ``seconds`` in its
+    metadata; 0 for a table from before it was recorded)."""
+    return float(sum(((meta or {}).get("seconds") or {}).values()))
+
+
 def _pipeline(root: Path) -> Run:
     run = Run("pipeline", root, root.resolve().name)
     if (root / "score" / "scores.parquet").is_file():
@@ -159,7 +166,7 @@ def _pipeline(root: Path) -> Run:
     for path in _metrics_files(root):
         try:
             m = json.loads(path.read_text())
-            rows.append(_pipeline_row(m, path.parent.name, by_name))
+            rows.append(_pipeline_row(m, path.parent.name, by_name, score_seconds(run.scores_meta)))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             run.notes.append(f"{str(path)!r} is not a readable metrics file ({type(exc).__name__}: {exc})")
             continue
@@ -170,12 +177,14 @@ def _pipeline(root: Path) -> Run:
     return run
 
 
-def _pipeline_row(m: dict, tag: str, manifests: dict) -> dict:
+def _pipeline_row(m: dict, tag: str, manifests: dict, score_s: float = 0.0) -> dict:
     cfg = m.get("config") or {}
     geo = m.get("geometry") or {}
     row = {"trial_id": tag, "test_accuracy": float(m["test_accuracy"]), "train_size": m.get("train_size"),
            "seed": int(cfg.get("seed") or 0), "curvature_lambda": float(cfg.get("curvature_lambda") or 0.0),
            "gradreg": float(cfg.get("gradreg") or 0.0), "variant": _variant_name(m.get("model_options") or {}),
+           "samples_seen": m.get("samples_seen", np.nan),
+           "cost_s": float(m.get("cost_s") or m.get("train_time_s") or np.nan),
            **{g: float(geo[g]) if geo.get(g) is not None else np.nan for g in GEOMETRY}}
     for eps, acc in (m.get("robust_accuracy") or {}).items():
         if str(eps) != "0":
@@ -188,6 +197,7 @@ def _pipeline_row(m: dict, tag: str, manifests: dict) -> dict:
     if man is not None:
         row.update(selector=man.selector, column=man.column, label=man.label, fraction=man.fraction,
                    manifest=str(man.path))
+        row["cost_s"] += score_s  # what the subset's score table cost (its proxies and scoring)
     else:  # the manifest is gone: what the tag and the sizes still tell
         rows = (m.get("data_rows") or {}).get("train")
         frac = float(m["train_size"]) / rows if rows else np.nan
@@ -208,7 +218,8 @@ def normalise_results(df: pd.DataFrame) -> Optional[pd.DataFrame]:
     for col, default in RESULT_DEFAULTS.items():
         if col not in df.columns:
             df[col] = default
-    for col in ("fraction", "curvature_lambda", "gradreg", "test_accuracy", "train_size", *GEOMETRY,
+    for col in ("fraction", "curvature_lambda", "gradreg", "test_accuracy", "train_size", "cost_s", "samples_seen",
+                *GEOMETRY,
                 *pgd_columns(df)):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     df["seed"] = pd.to_numeric(df["seed"], errors="coerce").fillna(0).astype(int)

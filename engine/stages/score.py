@@ -64,10 +64,12 @@ def score_stage(cfg: ScoreConfig, source=None) -> Path:
     embed = (model_key(0, cfg.epochs), cfg.embedding_dim) if cfg.embedding_dim > 0 else None
     keep = tuple(sorted(set(keep) | ({cfg.epochs} if embed else set())))
     hist_scores = [s for s in cfg.scores if s in HISTORY_SCORERS]
+    seconds = {}
     with output_dir(cfg.out, keep=(PARTIAL,)) as out:
         work = out / PARTIAL
         t0 = time.time()
         runs = _proxies(cfg, keep, work, source)
+        seconds["proxies"] = round(time.time() - t0, 3)
         print(f"stage proxies: {cfg.seeds} proxies x {cfg.epochs} epochs in {time.time() - t0:.1f}s")
         if plan or embed:
             t0 = time.time()
@@ -77,6 +79,7 @@ def score_stage(cfg: ScoreConfig, source=None) -> Path:
                 _write_embeddings(out / "embeddings.parquet", scored, cfg)
             ids, label = scored["sample_id"], scored["label"]
             cols = mean_std_over_seeds(scored, epochs, [r.seed for r in runs])
+            seconds["scoring"] = round(time.time() - t0, 3)
             print(f"stage scoring: {len(ids)} samples, {len(plan)} (score, checkpoint) pairs in {time.time() - t0:.1f}s")
         else:
             ids, label, cols = _ids_and_labels(runs[0]) + ({},)
@@ -86,7 +89,8 @@ def score_stage(cfg: ScoreConfig, source=None) -> Path:
             cols = {**_history_columns(runs, hist_scores), **cols}
         path = out / "scores.parquet"
         _write(path, cfg, ids, label, cols, runs, epochs, params,
-               {"transforms": transforms_of(cfg.train_transform, source.info()), **report_skipped(source, out)})
+               {"transforms": transforms_of(cfg.train_transform, source.info()), "seconds": seconds,
+                **report_skipped(source, out)})
         shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {path}: {len(ids)} rows, columns {', '.join(cols)}")
     return path

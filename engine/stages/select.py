@@ -4,6 +4,7 @@ tasks on a Ray that is already up."""
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,6 +23,7 @@ class SelectResult:
     selected: int       # samples kept
     of: int             # samples in the score table
     summary: str        # the line a job prints
+    seconds: float = 0.0  # the selector's own (not in the manifest, which stays byte-deterministic)
 
 
 def select_stage(cfg: SelectConfig) -> SelectResult:
@@ -50,7 +52,9 @@ def select_stage(cfg: SelectConfig) -> SelectResult:
         # a score selector that also weighs by gradient embeddings (GEDA: online GEDA's weights at R = 0)
         call["embeddings"], source = _embeddings(cfg.embeddings, "grad_embedding", ids)[0], \
             f"{source} + {cfg.embeddings}"
+    t0 = time.time()
     sel = fn(values, np.zeros_like(labels) if cfg.global_rank else labels, cfg.fraction, seed=cfg.seed, **call)
+    select_s = time.time() - t0
     meta = {"kind": "manifest", "selector": cfg.selector, "fraction": cfg.fraction, "column": column,
             "seed": cfg.seed, "global": cfg.global_rank, "params": params, "scores": str(cfg.scores),
             "scores_hash": artifacts.file_hash(cfg.scores), "values_from": str(source),
@@ -60,7 +64,8 @@ def select_stage(cfg: SelectConfig) -> SelectResult:
     artifacts.write_manifest(path, ids[sel.index], sel.weight, meta)
     by = f"{cfg.selector} on {column}" if column else cfg.selector
     return SelectResult(path, int(len(sel.index)), int(len(ids)),
-                        f"selected {len(sel.index)} of {len(ids)} samples ({by}, fraction {cfg.fraction}) -> {path}")
+                        f"selected {len(sel.index)} of {len(ids)} samples ({by}, fraction {cfg.fraction}) -> {path}",
+                        select_s)
 
 
 def embeddings_path(cfg: SelectConfig) -> str:

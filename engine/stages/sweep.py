@@ -20,7 +20,7 @@ from engine.config import ScoreConfig, SelectConfig, TrainConfig
 from engine.errors import RunFailedError
 from engine.rundir import output_dir
 from engine.sweep.config import SweepConfig
-from engine.sweep.results import as_dict, check_same_sweep, collect, fingerprint, summary, write_results
+from engine.sweep.results import SELECT_SECONDS, as_dict, check_same_sweep, collect, fingerprint, summary, write_results
 from engine.sweep.trials import expand_trials, manifest_name, offline, trial_train_config
 
 STOPPED = "stopped-early.json"  # ASHA stopped this trial: a rerun does not train it again
@@ -69,7 +69,7 @@ def sweep_stage(cfg: SweepConfig, out: Path, config_file: str, *, report: bool =
         scores = _scores(cfg, p.score, p.source)
         _manifests(cfg, p.trials, scores, out)
         errors = _tune(cfg, p, out)
-        rows = collect(p.trials, out)
+        rows = collect(p.trials, out, scores)
         if rows:
             write_results(rows, out)
         missing = [t["key"] for t in p.trials if not (out / "trials" / t["key"] / "metrics.json").is_file()]
@@ -115,14 +115,19 @@ def _manifests(cfg: SweepConfig, trials: Sequence[dict], scores: Optional[str], 
 
     todo = {manifest_name(t): t for t in trials if offline(t)}
     print(f"== selection: {len(todo)} manifest(s)")
+    seconds_file = out / "manifests" / SELECT_SECONDS
+    seconds = json.loads(seconds_file.read_text()) if seconds_file.is_file() else {}
     for name, t in todo.items():
         path = out / "manifests" / name
         if path.is_file():
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         params = dict(cfg.selector_params.get(t["selector"]) or {})
-        print(select_stage(SelectConfig(scores=scores, selector=t["selector"], fraction=t["fraction"], out=str(path),
-                                        column=t["column"], seed=t["seed"], params=params)).summary)
+        r = select_stage(SelectConfig(scores=scores, selector=t["selector"], fraction=t["fraction"], out=str(path),
+                                      column=t["column"], seed=t["seed"], params=params))
+        print(r.summary)
+        seconds[name] = round(r.seconds, 4)
+        artifacts.write_json(seconds_file, seconds)
 
 
 def settled(out: Path, t: dict) -> bool:

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -14,19 +14,34 @@ from engine import artifacts
 from engine.errors import ConfigError
 from engine.sweep.trials import manifest_name, offline
 
+SELECT_SECONDS = "seconds.json"  # OUT/manifests/seconds.json: each manifest's selector seconds
 
-def collect(trials: Sequence[dict], out: Path) -> list:
-    """A row per finished trial (its metrics.json), in the grid's order."""
+
+def collect(trials: Sequence[dict], out: Path, scores: Optional[str] = None) -> list:
+    """A row per finished trial (its metrics.json), in the grid's order. An offline trial's
+    selection seconds are those of its subset: the score table's (``scores``: its proxy
+    training and scoring, shared by the sweep's offline trials but what one such run pays
+    alone) and its selector's (OUT/manifests/seconds.json)."""
+    from engine.report.inputs import score_seconds
+
+    table_s = score_seconds(artifacts.read_scores(scores)[1]) if scores else 0.0
+    seconds_file = out / "manifests" / SELECT_SECONDS
+    select_s = json.loads(seconds_file.read_text()) if seconds_file.is_file() else {}
     rows = []
     for t in trials:
         path = out / "trials" / t["key"] / "metrics.json"
         if path.is_file():
-            rows.append(result_row(t, json.loads(path.read_text())))
+            selection_s = table_s + float(select_s.get(manifest_name(t), 0.0)) if offline(t) else None
+            rows.append(result_row(t, json.loads(path.read_text()), selection_s))
     return rows
 
 
-def result_row(t: dict, m: dict) -> dict:
+def result_row(t: dict, m: dict, selection_s: Optional[float] = None) -> dict:
+    """A trial's row; ``selection_s``: an offline trial's selection seconds (an adaptive run's
+    are in its metrics)."""
     g = m.get("geometry") or {}
+    if selection_s is not None:
+        m = {**m, "selection_time_s": selection_s, "cost_s": float(m.get("train_time_s") or 0.0) + selection_s}
     row = {"trial_id": t["key"], "selector": t["selector"], "column": t["column"], "label": t["label"],
            "fraction": float(t["fraction"]), "seed": int(t["seed"]),
            "curvature_lambda": float(t["curvature_lambda"]), "gradreg": float(m["config"]["gradreg"]),
