@@ -319,5 +319,13 @@ def test_the_adaptive_sweep_smoke_runs_offline_adaptive_and_infobatch_trials(ray
     offline = rows["gradmatch-f0.3-s0"]
     assert offline["selection_time_s"] > 0
     assert offline["cost_s"] == pytest.approx(offline["train_time_s"] + offline["selection_time_s"])
+    # random reads no score: its subset costs its draw only, not the score table
+    from engine.sweep.results import collect
+
+    t = {"selector": "random", "column": None, "label": "random", "selection": "random", "fraction": 0.3, "seed": 0,
+         "curvature_lambda": 0.0, "variant": "standard", "reselect_every": 0, "warm_start": "none",
+         "key": "gradmatch-f0.3-s0"}  # borrows a finished trial's metrics
+    (r_random,) = collect([t], out, str(out / "scores" / "scores.parquet"))
+    assert r_random["selection_time_s"] < 1 < offline["selection_time_s"]
     assert (out / "report" / "accuracy_vs_cost.png").is_file()
     assert "Test accuracy vs what the run cost" in (out / "report" / "report.html").read_text()

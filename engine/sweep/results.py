@@ -21,8 +21,10 @@ def collect(trials: Sequence[dict], out: Path, scores: Optional[str] = None) -> 
     """A row per finished trial (its metrics.json), in the grid's order. An offline trial's
     selection seconds are those of its subset: the score table's (``scores``: its proxy
     training and scoring, shared by the sweep's offline trials but what one such run pays
-    alone) and its selector's (OUT/manifests/seconds.json)."""
+    alone; not for a selector that reads nothing, such as random) and its selector's
+    (OUT/manifests/seconds.json)."""
     from engine.report.inputs import score_seconds
+    from engine.select import SELECTORS
 
     table_s = score_seconds(artifacts.read_scores(scores)[1]) if scores else 0.0
     seconds_file = out / "manifests" / SELECT_SECONDS
@@ -31,7 +33,8 @@ def collect(trials: Sequence[dict], out: Path, scores: Optional[str] = None) -> 
     for t in trials:
         path = out / "trials" / t["key"] / "metrics.json"
         if path.is_file():
-            selection_s = table_s + float(select_s.get(manifest_name(t), 0.0)) if offline(t) else None
+            reads = offline(t) and SELECTORS[t["selector"]].reads != "nothing"
+            selection_s = table_s * reads + float(select_s.get(manifest_name(t), 0.0)) if offline(t) else None
             rows.append(result_row(t, json.loads(path.read_text()), selection_s))
     return rows
 
