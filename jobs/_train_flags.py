@@ -28,7 +28,7 @@ def add_adaptive_flags(p: argparse.ArgumentParser, d) -> None:
                    help="adaptive: the selector's own parameters, as jobs.select's flags, e.g. lam=0.5 or offset=0.1")
     p.add_argument("--select-precision", choices=["float32", "bf16"], default=d.precision,
                    help="adaptive: bf16 runs the recomputation's forward under bf16 autocast (gradient embeddings, "
-                        "and the scorers jobs.score --precision bf16 allows; about 1.7x faster on a CPU with "
+                        "and the scorers jobs.score --precision bf16 allows; about 1.4x faster on a CPU with "
                         "AVX512-BF16, embeddings within 1 %%) (default %(default)s)")
 
 

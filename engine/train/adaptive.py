@@ -169,7 +169,7 @@ def reselect(model: torch.nn.Module, full, info, device: torch.device, cfg, seed
     False it stops there and returns None (a worker that receives the selection instead).
     ``batch_size``: rows per forward of the recomputation (the training loop passes its own
     batch size, chosen for its device: on 2 CPU cores small-cnn's forward over Fashion-MNIST
-    takes 5 s in batches of 128 and 10 s in batches of 512, the cache's doing). ``weigh`` False:
+    takes 5.9 s in batches of 128 and 9.0 s in batches of 512, bench/reselection_parts.py). ``weigh`` False:
     a selector that would also weigh its subset by the gradient embeddings (online GEDA) does
     not (the offline GEDA of ``--warm-start geda``)."""
     from engine.select import SELECTORS, parse_selection
