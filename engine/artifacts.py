@@ -207,6 +207,12 @@ def read_scores(path: str | Path) -> Tuple[pa.Table, dict]:
     return table.take(np.argsort(ids, kind="stable")), meta
 
 
+def score_seconds(meta: Optional[dict]) -> float:
+    """What a score table cost to make (proxy training and scoring: ``seconds`` in its
+    metadata; 0 for a table from before it was recorded)."""
+    return float(sum(((meta or {}).get("seconds") or {}).values()))
+
+
 def score_columns(table: pa.Table) -> list[str]:
     """Numeric score columns (everything except ids, labels and *_std)."""
     skip = {"sample_id", "label"}

@@ -233,8 +233,9 @@ def _infobatch_select(run: dict, state: dict, epoch: int) -> None:
     from engine.train.adaptive import selection_seed
 
     cfg, t0 = run["cfg"], time.time()
-    p = ib.check_params(cfg.adaptive.params)
-    ids = np.sort(np.asarray(run["full"].sample_id))
+    if "infobatch" not in run:  # once per run: its parameters and the full split's ids in score order
+        run["infobatch"] = (ib.check_params(cfg.adaptive.params), np.sort(np.asarray(run["full"].sample_id)))
+    p, ids = run["infobatch"]
     if "scores" not in state:
         state["scores"] = torch.full((len(ids),), ib.INITIAL_SCORE, dtype=torch.float64)
     if ib.prunes(epoch, run["passes"], p["delta"]):

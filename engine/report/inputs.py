@@ -150,12 +150,6 @@ def _sweep(root: Path) -> Run:
     return run
 
 
-def score_seconds(meta: Optional[dict]) -> float:
-    """What a score table cost to make (proxy training and scoring, ``seconds`` in its
-    metadata; 0 for a table from before it was recorded)."""
-    return float(sum(((meta or {}).get("seconds") or {}).values()))
-
-
 def _pipeline(root: Path) -> Run:
     run = Run("pipeline", root, root.resolve().name)
     if (root / "score" / "scores.parquet").is_file():
@@ -166,7 +160,7 @@ def _pipeline(root: Path) -> Run:
     for path in _metrics_files(root):
         try:
             m = json.loads(path.read_text())
-            rows.append(_pipeline_row(m, path.parent.name, by_name, score_seconds(run.scores_meta)))
+            rows.append(_pipeline_row(m, path.parent.name, by_name, artifacts.score_seconds(run.scores_meta)))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             run.notes.append(f"{str(path)!r} is not a readable metrics file ({type(exc).__name__}: {exc})")
             continue

@@ -23,10 +23,9 @@ def collect(trials: Sequence[dict], out: Path, scores: Optional[str] = None) -> 
     training and scoring, shared by the sweep's offline trials but what one such run pays
     alone; not for a selector that reads nothing, such as random) and its selector's
     (OUT/manifests/seconds.json)."""
-    from engine.report.inputs import score_seconds
     from engine.select import SELECTORS
 
-    table_s = score_seconds(artifacts.read_scores(scores)[1]) if scores else 0.0
+    table_s = artifacts.score_seconds(artifacts.read_scores(scores)[1]) if scores else 0.0
     seconds_file = out / "manifests" / SELECT_SECONDS
     select_s = json.loads(seconds_file.read_text()) if seconds_file.is_file() else {}
     rows = []
