@@ -38,6 +38,9 @@ def _scores(path: Path) -> tuple:
         v = rng.gamma(2.0, 0.2, n) + shift * y
         cols[name] = pa.array(v.astype(np.float32))
         cols[f"{name}_std"] = pa.array((0.1 * v).astype(np.float32))
+    # the input norm tracks gradnorm_init through ranks, with noise and ties (Kirsch 2023's pair)
+    norm = np.round(np.log(cols["gradnorm_init"].to_numpy()) + rng.normal(0, 0.3, n), 1)
+    cols["input_norm"] = pa.array(norm.astype(np.float32))
     curv = cols["curvature"].to_numpy().copy()
     curv[:5] = np.nan  # the report must cope with NaN scores
     cols["curvature"] = pa.array(curv)
@@ -142,6 +145,7 @@ def test_report_files(report: Path):
     assert {"accuracy_vs_fraction.png", "accuracy_vs_cost.png", "lambda_curve.png", "geda_ecdf_gradnorm_init.png",
             "hist_el2n.png", "curves_curvature.png", "images_gradnorm_init.png"} <= names
     assert "Test accuracy vs what the run cost" in page
+    assert "Rank correlation between scores" in page
     for needle in ("LCNN geometry", "E C_f", "PGD ε=0.1", "KS geda:gradnorm_init", "KS topk:el2n", "Trouser"):
         assert needle in page, needle
     assert "Skipped sections" not in page  # every input exists
@@ -291,3 +295,37 @@ def test_failed_rebuild_keeps_old_report(sweep_dir, tmp_path, monkeypatch, run_j
         run_job(job, [sweep_dir, "--out", out, "--columns", "el2n", "--per-class", "1"])
     assert (out / "report" / "report.html").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["report"]  # no temp directory left behind
+
+
+def test_correlations_match_scipy(sweep_dir, report):
+    """The correlation section's ρ (all samples and within class) is scipy's Spearman on the
+    score table, NaN rows dropped pairwise; GraNd at init against input norm is stated first."""
+    from scipy.stats import spearmanr
+
+    from engine.report.build import spearman
+
+    table = artifacts.read_table(sweep_dir / "scores" / "scores.parquet", "scores")[0]
+    labels = table.column("label").to_numpy()
+    cols = ["gradnorm_init", "input_norm", "el2n", "curvature"]
+    values = {c: np.asarray(table.column(c).to_numpy(), dtype=float) for c in cols}
+
+    def rho(a, b, rows=slice(None)):
+        x, y = values[a][rows], values[b][rows]
+        ok = np.isfinite(x) & np.isfinite(y)
+        return spearmanr(x[ok], y[ok]).statistic
+
+    import pandas as pd
+
+    overall, within = spearman(pd.DataFrame(values)), spearman(pd.DataFrame(values), labels)
+    for a in cols:
+        for b in cols:
+            assert overall.loc[a, b] == pytest.approx(rho(a, b), abs=1e-12)
+            per = [rho(a, b, labels == c) for c in np.unique(labels)]
+            assert within.loc[a, b] == pytest.approx(np.mean(per), abs=1e-12)
+    assert 0.5 < overall.loc["gradnorm_init", "input_norm"] < 0.99  # ties and noise: not a perfect match
+    page = report.read_text()
+    section = page[page.index("id='correlations'"):page.index("id='geda'")]
+    assert f"Spearman ρ = {overall.loc['gradnorm_init', 'input_norm']:.3f} over all samples" in section
+    header = re.findall(r"<th>([^<]*)</th>", section)
+    assert header[1:] == cols  # Kirsch's pair first, then the table's order
+    assert f"{overall.loc['el2n', 'curvature']:.3f}" in section
