@@ -83,6 +83,80 @@ def test_exact_is_deterministic_and_spreads_within_bins():
     assert np.diff(s[a.index]).min() > 0.05  # spread out, not the first ten of each bin
 
 
+def _bin_counts(p, index):
+    return np.bincount(p.bins[index], minlength=p.nodes)
+
+
+def test_geda_within_even_spreads_over_each_bins_ranking():
+    """within="even": each bin's chosen samples are the centres of equal slices of the bin's
+    rank order (by score), the counts being the closed-form optimum's."""
+    rng = np.random.default_rng(5)
+    s = rng.gamma(2.0, 1.0, 300)
+    p = G.build(s, 41, 5)
+    sol = G.solve_exact(p, seed=3, within="even")
+    order = np.argsort(s, kind="stable")
+    for j, x in enumerate(_bin_counts(p, sol.index)):
+        members = order[p.bins[order] == j]
+        np.testing.assert_array_equal(np.sort(members[G.spread(len(members), int(x))]),
+                                      np.sort(np.intersect1d(sol.index, members)))
+    assert sol.objective == pytest.approx(brute_free_optimum(p), abs=1e-12)
+
+
+def brute_free_optimum(p):
+    """The optimum from the bin counts alone (S_k = round(k C_k / n)), computed independently."""
+    counts = np.bincount(p.bins, minlength=p.nodes)
+    C = np.cumsum(counts)[:-1]
+    S = np.floor(p.k * C / p.n + 0.5)
+    return float(p.scale * np.abs(C / p.n - S / p.k).sum())
+
+
+def test_geda_within_random_draws_uniformly_inside_each_bin():
+    """within="random": the same per-bin counts and objective as "even" (the optimum), the
+    samples drawn uniformly inside each bin: over 3000 seeds every member of bin j is chosen
+    with frequency x_j / n_j (within 5 binomial standard deviations); seeded and reproducible."""
+    rng = np.random.default_rng(6)
+    s = np.round(rng.exponential(size=120), 1)  # ties too
+    p = G.build(s, 25, 5)
+    even = G.solve_exact(p, seed=0, within="even")
+    take, sizes = _bin_counts(p, even.index), np.bincount(p.bins, minlength=p.nodes)
+    hits = np.zeros(p.n)
+    draws = 3000
+    for seed in range(draws):
+        sol = G.solve_exact(p, seed=seed, within="random")
+        np.testing.assert_array_equal(_bin_counts(p, sol.index), take)
+        assert sol.objective == pytest.approx(even.objective, abs=1e-12)
+        hits[sol.index] += 1
+    q = (take / np.maximum(sizes, 1))[p.bins]
+    sd = np.sqrt(draws * q * (1 - q))
+    assert np.all(np.abs(hits - draws * q) <= 5 * sd + 1e-9)
+    np.testing.assert_array_equal(G.solve_exact(p, 7, "random").index, G.solve_exact(p, 7, "random").index)
+    assert not np.array_equal(G.solve_exact(p, 7, "random").index, G.solve_exact(p, 8, "random").index)
+    with pytest.raises(ConfigError, match="within"):
+        G.solve_exact(p, within="sideways")
+
+
+def test_geda_selector_within_choice():
+    """The selector's ``within``: random keeps every class's optimum, picks other samples than
+    even, and is further from evenly_spaced than even is; recorded; exact solver only."""
+    rng = np.random.default_rng(7)
+    scores, labels = rng.gamma(2.0, 1.0, 3000), np.repeat(np.arange(3), 1000)
+    even = SELECTORS["geda"](scores, labels, 0.2, seed=0)
+    rand = SELECTORS["geda"](scores, labels, 0.2, seed=0, within="random")
+    spaced = SELECTORS["evenly_spaced"](scores, labels, 0.2, seed=0)
+    assert even.info["within"] == "even" and rand.info["within"] == "random"
+    for c in range(3):
+        assert rand.info["classes"][c]["objective"] == pytest.approx(even.info["classes"][c]["objective"], abs=1e-12)
+    overlap = lambda a, b: len(np.intersect1d(a.index, b.index)) / len(a.index)
+    assert overlap(rand, even) < 0.5
+    assert overlap(even, spaced) > overlap(rand, spaced) + 0.3
+    with pytest.raises(ConfigError, match="exact"):
+        SELECTORS["geda"](scores, labels, 0.2, solver="highs", within="random")
+    from engine.select import check_selector_params
+
+    with pytest.raises(ConfigError, match="within"):
+        check_selector_params("geda", {"within": "sideways"})
+
+
 def test_geda_selector_records_objective_and_status():
     rng = np.random.default_rng(0)
     scores, labels = rng.random(90), np.repeat([0, 1, 2], 30)

@@ -23,9 +23,12 @@ The problem is built once (``build``) and solved by any of three solvers:
   commutes with adding integers, so round(T_k) − round(T_{k−1}) lies in [0, n_{k−1}] too (the
   same argument with T_N = κ covers the last bin). A feasible point that minimises every term
   separately minimises the sum: it is optimal. Cost O(n log n) for the sort, O(N) after.
-  Within a bin the x_j = S_{j+1} − S_j chosen samples are spread evenly over the bin's rank
-  order (ties in score broken by a seeded permutation), which keeps the subset's shape inside
-  the bin close to the class's.
+  Problem P fixes only how many samples each bin gets, x_j = S_{j+1} − S_j; which ones is
+  free and does not change the objective. ``within="even"`` (default) spreads them evenly over
+  the bin's rank order (ties in score broken by a seeded permutation), which keeps the subset's
+  shape inside the bin close to the class's and makes GEDA close to ``evenly_spaced``;
+  ``within="random"`` draws them uniformly at random inside the bin (seeded), nearer to what
+  the thesis's CBC returned: whatever its branch-and-cut left, nothing inside a bin preferred.
 * ``highs`` — problem P as written (one binary per sample, one continuous Z_k per node) solved
   by HiGHS through ``highspy``, with a time limit whose expiry is reported as the status.
 * ``pulp`` — the same model through PuLP, with PuLP's HiGHS or CBC backend; PuLP reports
@@ -89,8 +92,14 @@ def build(scores: np.ndarray, k: int, nodes: int = 5) -> GedaProblem:
     return GedaProblem(scores, bins, int(k), int(nodes), (M - m) / nodes)
 
 
-def solve_exact(p: GedaProblem, seed: int = 0) -> GedaSolution:
-    """The closed-form optimum (see the module docstring for the proof)."""
+WITHIN = ("even", "random")
+
+
+def solve_exact(p: GedaProblem, seed: int = 0, within: str = "even") -> GedaSolution:
+    """The closed-form optimum (see the module docstring for the proof); ``within`` ("even" or
+    "random") chooses the samples inside each bin."""
+    if within not in WITHIN:
+        raise ConfigError(f"GEDA within must be one of {', '.join(WITHIN)}, got {within!r}")
     t0 = time.perf_counter()
     counts = np.bincount(p.bins, minlength=p.nodes)
     cum = np.concatenate([[0], np.cumsum(counts)])                # C_0..C_N
@@ -104,9 +113,13 @@ def solve_exact(p: GedaProblem, seed: int = 0) -> GedaSolution:
         tie = np.random.default_rng(seed).permutation(p.n)
         order = np.lexsort((tie, p.scores))
     chosen = []
+    rng = np.random.default_rng([seed, 1]) if within == "random" else None
     for j in range(p.nodes):
         members = order[cum[j]:cum[j + 1]]
-        chosen.append(members[spread(len(members), int(take[j]))])
+        if rng is None:
+            chosen.append(members[spread(len(members), int(take[j]))])
+        else:
+            chosen.append(rng.choice(members, int(take[j]), replace=False))
     index = np.sort(np.concatenate(chosen))
     return GedaSolution(index, p.objective(index), "optimal", time.perf_counter() - t0)
 

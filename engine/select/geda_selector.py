@@ -12,12 +12,14 @@ from engine.select import Selection, selector
 from engine.select import geda as G
 from engine.select.basic import check_scores, per_class
 
-# solver name -> solve(problem, time_limit, rng) -> G.Solution
 GEDA_SOLVERS: Registry = Registry("GEDA solver")
-GEDA_SOLVERS.register("exact")(lambda problem, time_limit, rng: G.solve_exact(problem, seed=int(rng.integers(2**31))))
-GEDA_SOLVERS.register("highs")(lambda problem, time_limit, rng: G.solve_highs(problem, time_limit))
-GEDA_SOLVERS.register("pulp")(lambda problem, time_limit, rng: G.solve_pulp(problem, "highs", time_limit))
-GEDA_SOLVERS.register("pulp-cbc")(lambda problem, time_limit, rng: G.solve_pulp(problem, "cbc", time_limit))
+# solver name -> solve(problem, time_limit, rng, within) -> G.Solution; the MILP solvers keep
+# the within-bin choice their branch-and-bound leaves (``within`` applies to the exact solver)
+GEDA_SOLVERS.register("exact")(lambda problem, time_limit, rng, within: G.solve_exact(
+    problem, seed=int(rng.integers(2**31)), within=within))
+GEDA_SOLVERS.register("highs")(lambda problem, time_limit, rng, within: G.solve_highs(problem, time_limit))
+GEDA_SOLVERS.register("pulp")(lambda problem, time_limit, rng, within: G.solve_pulp(problem, "highs", time_limit))
+GEDA_SOLVERS.register("pulp-cbc")(lambda problem, time_limit, rng, within: G.solve_pulp(problem, "cbc", time_limit))
 SOLVERS = tuple(GEDA_SOLVERS.names())
 
 
@@ -26,14 +28,20 @@ SOLVERS = tuple(GEDA_SOLVERS.names())
                   "solver": ("exact (the closed form), highs (the MILP with HiGHS), pulp or pulp-cbc (the MILP "
                              "through PuLP)", Rule(choices=SOLVERS)),
                   "time_limit": ("seconds per class for the MILP solvers", positive()),
+                  "within": ("which samples inside each ECDF bin (the objective fixes only how many): even (spread "
+                             "over the bin's ranking, close to evenly_spaced) or random (uniform in the bin, as "
+                             "a MILP solver's choice); --solver exact only", Rule(choices=G.WITHIN)),
                   "lam": ("online GEDA (given gradient embeddings: jobs.train --reselect-every, or jobs.select "
                           "--embeddings): ridge of the subset's weights, the thesis's Algorithm 6.1", at_least(0))})
 def geda(scores, labels, fraction, *, seed: int = 0, nodes: int = 5, solver: str = "exact",
-         time_limit: float = 60.0, lam: float = 0.5, mapper: Callable = map, embeddings=None, **params) -> Selection:
+         time_limit: float = 60.0, within: str = "even", lam: float = 0.5, mapper: Callable = map, embeddings=None,
+         **params) -> Selection:
     """GEDA: per class, the subset whose ECDF of ``scores`` (default column gradnorm_init) best
     matches the class's at ``nodes`` − 1 nodes. ``solver``: exact (closed form, default),
     highs (problem P with HiGHS), pulp (PuLP + HiGHS), pulp-cbc (PuLP + CBC); ``time_limit``
-    seconds per class for the MILP solvers. Each class's objective, status and solve time
+    seconds per class for the MILP solvers. ``within``: which samples of each bin the exact
+    solver keeps, even (spread over the bin's ranking) or random (uniform in the bin; the
+    objective is the same optimum either way). Each class's objective, status and solve time
     are recorded in ``Selection.info["classes"]``. Given ``embeddings`` [N, d] (the adaptive
     loop recomputes them with the gradient norms), the subset is weighted as online GEDA
     does (``err_weights``, ridge ``lam``); without them every weight is 1, as the thesis's
@@ -42,16 +50,21 @@ def geda(scores, labels, fraction, *, seed: int = 0, nodes: int = 5, solver: str
         raise ConfigError(f"selector 'geda' takes no parameter(s) {sorted(params)}")
     if solver not in SOLVERS:
         raise ConfigError(f"--solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if within not in G.WITHIN:
+        raise ConfigError(f"geda within must be one of {', '.join(G.WITHIN)}, got {within!r}")
+    if within != "even" and solver != "exact":
+        raise ConfigError(f"geda within={within} chooses inside the bins for --solver exact; the MILP solver "
+                          f"{solver} keeps its own choice")
     if lam < 0:
         raise ConfigError(f"geda lam must be >= 0, got {lam}")
     scores = check_scores(scores, labels, "geda")
     if embeddings is not None:  # the class's rows carry their norm and their embedding to the pick
         scores = np.column_stack([scores, check_scores(embeddings, labels, "geda (online)", matrix=True)])
-    pick = _Pick(int(nodes), solver, float(time_limit), None if embeddings is None else float(lam))
+    pick = _Pick(int(nodes), solver, float(time_limit), None if embeddings is None else float(lam), within)
     if int(nodes) < 2:
         raise ConfigError(f"--nodes must be at least 2, got {nodes}")
     sel = per_class(scores, labels, fraction, seed, pick, mapper=mapper)
-    sel.info.update({"nodes": int(nodes), "solver": solver})
+    sel.info.update({"nodes": int(nodes), "solver": solver, "within": within if solver == "exact" else "solver"})
     if embeddings is not None:
         sel.info["lam"] = float(lam)
     import warnings
@@ -92,15 +105,15 @@ class _Pick:
     """Picklable per-class solve (it may run in a Ray task). With ``lam`` set, each row is
     (gradient norm, gradient embedding...) and the subset gets online GEDA's weights."""
 
-    def __init__(self, nodes: int, solver: str, time_limit: float, lam: Optional[float] = None):
-        self.nodes, self.solver, self.time_limit, self.lam = nodes, solver, time_limit, lam
+    def __init__(self, nodes: int, solver: str, time_limit: float, lam: Optional[float] = None, within: str = "even"):
+        self.nodes, self.solver, self.time_limit, self.lam, self.within = nodes, solver, time_limit, lam, within
 
     def __call__(self, s, n, k, rng):
         g = None
         if self.lam is not None:
             s, g = s[:, 0], s[:, 1:]
         problem = G.build(s, k, self.nodes)
-        sol = GEDA_SOLVERS[self.solver](problem, self.time_limit, rng)
+        sol = GEDA_SOLVERS[self.solver](problem, self.time_limit, rng, self.within)
         info = {"objective": sol.objective, "status": sol.status, "seconds": round(sol.seconds, 4),
                 "n": int(n), "k": int(k)}
         if self.solver != "exact":
