@@ -16,7 +16,7 @@ interrupted one resumes from its last Ray Train checkpoint.
 The YAML (see tune_configs/smoke.yaml; fields in engine/sweep/config.py): ``name``, ``data``,
 ``model``, ``score`` (jobs.score fields), ``scores_path``, ``train`` (jobs.train fields shared
 by all trials), ``param_space`` (lists to grid over: ``selector``, ``fraction``, ``seed``,
-``curvature_lambda``, ``variant``), ``variants`` (name -> model options and gradreg),
+``curvature_lambda``, ``variant``, ``budget``...), ``also`` (more grids), ``variants`` (name -> model options and gradreg),
 ``selector_params`` (selector -> params), ``resources`` (``cpus_per_trial``,
 ``gpus_per_trial``, ``workers_per_trial``, ``max_concurrent_trials``), ``asha`` (null or
 ``{grace_period, reduction_factor}``) and ``smoke_test`` (overrides applied by --smoke-test).

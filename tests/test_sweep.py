@@ -141,8 +141,51 @@ def test_shipped_configs_expand_and_validate(tmp_path):
     assert sorted(t["key"] for t in ada if t["selector"] == "infobatch") == ["infobatch-r1-s0", "infobatch-r1-s1"]
     assert {(t["reselect_every"], t["warm_start"]) for t in ada if t["selector"] == "craig"} == \
         {(0, "none")} | {(r, w) for r in (1, 5, 20) for w in ("none", "full:2", "geda")}
+    cpu = n["fashion_mnist_cpu"]
+    assert len(cpu) == 12 * 3 * 2 + 2 + (3 * 2 * 2 + 2) + 2 * 2 + 4 * 2 * 2
+    assert {t["selector"] for t in cpu} - {"full", "infobatch"} == set(SELECTORS)  # every offline selector
+    assert {t["seed"] for t in cpu} == {0, 1} and {t["fraction"] for t in cpu} == {0.1, 0.3, 0.5, 1.0}
+    steps = {(t["label"], t["fraction"]) for t in cpu if t["budget"] == "steps"}
+    assert steps == {(f"{s} (steps)", f) for s in ("random", "geda:gradnorm_init", "ccs:el2n", "topk:el2n")
+                     for f in (0.1, 0.3)}
+    assert {t["curvature_lambda"] for t in cpu if t["curvature_lambda"]} == {1, 10}
+    assert {(t["selection"], t["fraction"]) for t in cpu if t["curvature_lambda"]} == {("lowest:curvature", 0.1)}
+    assert {t["label"] for t in cpu if t["reselect_every"]} == {"gradmatch R=2", "craig R=2", "geda:gradnorm_init R=2",
+                                                                "infobatch"}
     geda = {t["selector"] for t in n["geda_thesis"]}
     assert geda == {"full", "geda", "random", "random_quantile", "evenly_spaced", "craig", "gradmatch"}
+
+
+def test_also_grids_and_the_budget_axis(tmp_path):
+    """``also`` adds grids whose unset fields are param_space's; ``budget`` is an axis (steps
+    trials keyed and labelled apart, sharing the epochs trial's manifest; full data and
+    InfoBatch only ever "epochs"); each also grid is checked with its path."""
+    spec = {"name": "g", "param_space": {"selector": ["full", "random", "infobatch"], "fraction": [0.1, 0.3],
+                                         "seed": [0, 1], "budget": ["epochs", "steps"]},
+            "also": [{"selector": ["topk:el2n"], "fraction": [0.5], "curvature_lambda": [2]},
+                     {"selector": ["random"], "fraction": [0.1]}]}
+    cfg = sweep_from_dict(spec)
+    trials = expand_trials(cfg)
+    keys = [t["key"] for t in trials]
+    assert len(keys) == len(set(keys))
+    assert sorted(k for k in keys if k.startswith("random")) == sorted(
+        f"random-f{f}{b}-s{s}" for f in (0.1, 0.3) for b in ("", "-bsteps") for s in (0, 1))  # also[1]: no new trial
+    assert {t["budget"] for t in trials if t["selector"] in ("full", "infobatch")} == {"epochs"}
+    by = {t["key"]: t for t in trials}
+    assert by["random-f0.1-bsteps-s1"]["label"] == "random (steps)"
+    assert {k for k in keys if k.startswith("topk")} == {f"topk-el2n-f0.5{b}-s{s}-l2" for b in ("", "-bsteps")
+                                                          for s in (0, 1)}  # seeds and budgets inherited
+    base = cfg.base_train_config()
+    steps = trial_train_config(cfg, base, by["random-f0.1-bsteps-s1"], tmp_path)
+    epochs = trial_train_config(cfg, base, by["random-f0.1-s1"], tmp_path)
+    assert steps.budget == "steps" and epochs.budget == "epochs" and steps.manifest == epochs.manifest
+    for bad, needle in ((["x"], r"also\[0\] must be a mapping"),
+                        ([{"fraction": [2]}], r"also\[0\].*fraction\[0\]"),
+                        ([{"budget": ["hours"]}], r"also\[0\].*budget\[0\]")):
+        with pytest.raises(ConfigError, match=needle):
+            sweep_from_dict({**spec, "also": bad})
+    with pytest.raises(ConfigError, match="budget"):
+        sweep_from_dict({**spec, "train": {"budget": "steps"}})  # a per-trial field: set it in param_space
 
 
 def test_set_overrides():
@@ -329,3 +372,26 @@ def test_the_adaptive_sweep_smoke_runs_offline_adaptive_and_infobatch_trials(ray
     assert r_random["selection_time_s"] < 1 < offline["selection_time_s"]
     assert (out / "report" / "accuracy_vs_cost.png").is_file()
     assert "Test accuracy vs what the run cost" in (out / "report" / "report.html").read_text()
+
+
+def test_the_fashion_mnist_study_smoke_runs(ray_local, run_job, tmp_path):
+    """tune_configs/fashion_mnist_cpu.yaml --smoke-test: offline selectors with the input-norm
+    baseline, adaptive and InfoBatch trials, the λ grid and the steps budget side by side, with
+    the augmentation recipe; the report carries the score correlations and the steps rows."""
+    path = ROOT / "tune_configs" / "fashion_mnist_cpu.yaml"
+    out = tmp_path / "study"
+    code, _, err = run_job(sweep, ["--config", path, "--smoke-test", "--out", out])
+    assert code == 0, err
+    rows = {r["trial_id"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
+    assert sorted(rows) == sorted(t["key"] for t in expand_trials(load_sweep(str(path), True)))
+    full, steps, epochs = rows["full-s0"], rows["random-f0.3-bsteps-s0"], rows["random-f0.3-s0"]
+    assert steps["label"] == "random (steps)" and steps["budget"] == "steps" and epochs["budget"] == "epochs"
+    assert steps["train_size"] == epochs["train_size"] == 1800 and steps["manifest"] == epochs["manifest"]
+    assert steps["steps"] == full["steps"] > epochs["steps"]  # the full-data run's optimizer steps
+    assert rows["lowest-curvature-f0.3-s0-l1"]["curvature_lambda"] == 1.0
+    assert rows["gradmatch-r1-f0.3-s0"]["selection_time_s"] > 0 and rows["infobatch-r1-s0"]["label"] == "infobatch"
+    m = json.loads((out / full["trial_dir"] / "metrics.json").read_text())
+    assert m["config"]["train_transform"] == "pad-crop-flip"
+    page = (out / "report" / "report.html").read_text()
+    assert "GraNd at initialisation (gradnorm_init) against the input norm (input_norm)" in page
+    assert "random (steps)" in page

@@ -12,6 +12,7 @@ and, in the file only, ``smoke_test`` (overrides that ``--smoke-test`` merges in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,7 +24,8 @@ from engine.params import Rule, check_value
 
 # per-trial fields the grid sets; the YAML's `train` section must not
 TRIAL_FIELDS = {"data", "model", "manifest", "seed", "curvature_lambda", "activation", "beta", "spectral_norm",
-                "bn_gamma", "gradreg", "workers", "gpus", "cpus_per_worker", "out"}
+                "bn_gamma", "gradreg", "workers", "gpus", "cpus_per_worker", "out", "budget"}
+BUDGETS = ("epochs", "steps")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class ParamSpace:
     variant: Tuple[str, ...] = ("standard",)     # names under `variants`
     reselect_every: Tuple[int, ...] = (0,)       # R: 0 selects once before training (offline); R > 0 adaptively
     warm_start: Tuple[str, ...] = ("none",)      # adaptive trials: "none", "full:K" or "geda"
+    budget: Tuple[str, ...] = ("epochs",)        # "epochs": train.epochs passes over the subset; "steps": the
+    #                                              optimizer steps of train.epochs full-data passes
 
     def validate(self) -> None:
         for f in fields(self):
@@ -52,6 +56,9 @@ class ParamSpace:
             check_value(f"curvature_lambda[{i}]", lam, 0.0, Rule(lo=0))
         for i, r in enumerate(self.reselect_every):
             check_value(f"reselect_every[{i}]", r, 0, Rule(lo=0))
+        for i, b in enumerate(self.budget):
+            if b not in BUDGETS:
+                raise ConfigError(f"budget[{i}]: expected one of {', '.join(BUDGETS)}, got {b!r}")
         for i, w in enumerate(self.warm_start):
             from engine.train.adaptive import warm_passes
 
@@ -128,6 +135,7 @@ class SweepConfig:
     scores_path: Optional[str] = None
     train: dict = field(default_factory=dict)
     param_space: ParamSpace = ParamSpace()
+    also: Tuple[dict, ...] = ()      # more grids, each param_space's values but those it sets; trials join once
     variants: Dict[str, Variant] = field(default_factory=lambda: {"standard": Variant()})
     selector_params: dict = field(default_factory=dict)
     resources: Resources = Resources()
@@ -139,9 +147,10 @@ class SweepConfig:
         check_types(self)
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ConfigError(f"sweep name {self.name!r}: use letters, digits, '_', '.', '-'")
-        for v in self.param_space.variant:
-            if v not in self.variants:
-                raise ConfigError(f"param_space.variant {v!r} is not defined under variants ({sorted(self.variants)})")
+        for where, grid in zip(("param_space", *(f"also[{i}]" for i in range(len(self.also)))), self.grids()):
+            for v in grid.variant:
+                if v not in self.variants:
+                    raise ConfigError(f"{where}.variant {v!r} is not defined under variants ({sorted(self.variants)})")
         for name, params in self.selector_params.items():
             if str(name) == "infobatch":
                 from engine.train.infobatch import check_params
@@ -152,6 +161,16 @@ class SweepConfig:
         self.base_train_config()
         if self.scores_path is None:
             self.score_config(Path("."))
+
+    def grids(self) -> Tuple[ParamSpace, ...]:
+        """``param_space`` and each ``also`` grid (a mapping of ParamSpace fields; the fields it
+        does not set are param_space's), checked as param_space is."""
+        out = [self.param_space]
+        for i, g in enumerate(self.also):
+            if not isinstance(g, dict):
+                raise ConfigError(f"also[{i}] must be a mapping of param_space fields, got {g!r}")
+            out.append(from_dict(ParamSpace, {**dataclasses.asdict(self.param_space), **g}, where=f"also[{i}]"))
+        return tuple(out)
 
     def base_train_config(self) -> TrainConfig:
         clash = sorted(set(self.train) & TRIAL_FIELDS)
