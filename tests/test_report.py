@@ -329,3 +329,24 @@ def test_correlations_match_scipy(sweep_dir, report):
     header = re.findall(r"<th>([^<]*)</th>", section)
     assert header[1:] == cols  # Kirsch's pair first, then the table's order
     assert f"{overall.loc['el2n', 'curvature']:.3f}" in section
+
+
+def test_a_long_legend_stays_inside_the_figure():
+    """14 long selection labels (a study's report): the legend under the accuracy figure is
+    laid out in as many columns as fit, inside the figure's left and right edges."""
+    import pandas as pd
+
+    from engine.report import figures as F
+
+    labels = [f"geda:gradnorm_init R={r} warm full:{w}" for r in (1, 5, 20) for w in (2, 3, 4, 5)][:14]
+    rows = [{"label": lab, "fraction": f, "seed": s, "variant": "standard", "curvature_lambda": 0.0,
+             "test_accuracy": 0.8 + 0.01 * i + 0.05 * f + 0.001 * s}
+            for i, lab in enumerate(["full", *labels]) for f in ((1.0,) if lab == "full" else (0.1, 0.3)) for s in (0, 1)]
+    fig = F.accuracy_vs_fraction(pd.DataFrame(rows))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    legend = fig.legends[0].get_window_extent(canvas.get_renderer())
+    assert legend.x0 >= 0 and legend.x1 <= fig.bbox.x1, (legend, fig.bbox)
+    assert F.legend_columns(labels, 7.0) < 4 and F.legend_columns(["random", "geda"], 7.0) == 4

@@ -71,8 +71,9 @@ def accuracy_vs_fraction(df: pd.DataFrame) -> Figure:
         rows, cols = len(variants), len(lams)
     else:
         rows, cols = _grid(len(panels), 3)
-    fig = Figure(figsize=(max(4.8 * cols, 7.0), 3.5 * rows + 0.4 * math.ceil(len(labels) / 4 + 1)),
-                 layout="constrained")
+    width = max(4.8 * cols, 7.0)
+    ncols = legend_columns(["full data: 0.000 ± 0.000", *labels], width)
+    fig = Figure(figsize=(width, 3.5 * rows + 0.3 * math.ceil(len(labels) / ncols + 1)), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False, sharey=True).ravel())
     handles: Dict[str, object] = {}
     fracs = sorted(set(df.loc[df["label"] != "full", "fraction"]))
@@ -108,10 +109,18 @@ def accuracy_vs_fraction(df: pd.DataFrame) -> Figure:
         _style(ax)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 4),
-               fontsize=9, frameon=False)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+               ncols=min(len(handles), ncols), fontsize=9, frameon=False)
     fig.suptitle("Test accuracy vs fraction kept (mean ± std over seeds)", fontsize=11)
     return fig
+
+
+def legend_columns(names, width: float, most: int = 4) -> int:
+    """Legend columns that fit ``width`` inches at font size 9 (about 14 characters an inch,
+    a marker and gaps about 4 more per entry): long labels such as "geda:gradnorm_init R=5 warm
+    geda" get fewer columns instead of a legend wider than the figure."""
+    longest = max((len(str(n)) for n in names), default=1)
+    return max(1, min(most, int(width * 14 // (longest + 4))))
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
