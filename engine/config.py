@@ -18,6 +18,9 @@ from engine.units import L_INF_STEP
 C = TypeVar("C")
 
 
+BUDGETS = ("epochs", "steps")  # TrainConfig.budget; a sweep grids over them (param_space.budget)
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """Optimiser and batching shared by proxy training and retraining."""
@@ -170,7 +173,7 @@ class TrainConfig:
 
             check_uri(self.checkpoint_storage, "checkpoint_storage")
         _in_range(self, "gpus", 0, 64)
-        if self.budget not in ("epochs", "steps"):
+        if self.budget not in BUDGETS:
             raise ConfigError(f"budget must be 'epochs' or 'steps', got {self.budget!r}")
         if self.weighting not in ("loss", "sampling"):
             raise ConfigError(f"weighting must be 'loss' or 'sampling', got {self.weighting!r}")

@@ -18,14 +18,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
-from engine.config import ScoreConfig, TrainConfig, check_types, from_dict
+from engine.config import BUDGETS, ScoreConfig, TrainConfig, check_types, from_dict
 from engine.errors import ConfigError
 from engine.params import Rule, check_value
 
 # per-trial fields the grid sets; the YAML's `train` section must not
 TRIAL_FIELDS = {"data", "model", "manifest", "seed", "curvature_lambda", "activation", "beta", "spectral_norm",
                 "bn_gamma", "gradreg", "workers", "gpus", "cpus_per_worker", "out", "budget"}
-BUDGETS = ("epochs", "steps")
 
 
 @dataclass(frozen=True)
