@@ -129,6 +129,26 @@ def claims(df: pd.DataFrame, overall: pd.DataFrame, within: pd.DataFrame) -> str
     return "\n".join(out)
 
 
+def weights_and_overhead(out: Path, df: pd.DataFrame) -> str:
+    """The weighted manifests' largest weight against their mean (what a weighted loss scales a
+    step by), and each trial's seconds outside the optimiser loop per pass (set-up plus the
+    per-pass test evaluation reported to Tune)."""
+    from engine import artifacts
+
+    lines = []
+    for label in ("craig", "gradmatch"):
+        for f in sorted(df[df["label"] == label]["fraction"].unique()):
+            ratios = [float(w.max() / w.mean()) for m in df[(df["label"] == label) & np.isclose(df["fraction"], f)]
+                      ["manifest"] for w in [artifacts.read_manifest(out / m)[1]]]
+            lines.append(f"- {label} at {f:g}: largest manifest weight / mean weight {max(ratios):.1f}")
+    passes = pd.to_numeric(df["samples_seen"]) / pd.to_numeric(df["train_size"])
+    per_pass = (df["wall_time_s"] - df["train_time_s"]) / passes.clip(lower=1)
+    outside = df["wall_time_s"] - df["train_time_s"]
+    lines.append(f"- seconds outside the optimiser loop per trial: median {np.median(outside):.1f}, per pass "
+                 f"median {np.median(per_pass):.2f}, {outside.sum() / 60:.0f} min in all over the {len(df)} trials")
+    return "\n".join(lines)
+
+
 def figure(df: pd.DataFrame, path: Path) -> None:
     from engine.report import figures as F
 
@@ -159,6 +179,7 @@ def read(out: Path, fig: Path | None) -> str:
     table, overall, within = correlation(out)
     parts += ["", "Spearman rank correlation between the score columns:", "", table, "", "The seeds' claims:", "",
               claims(df, overall, within)]
+    parts += ["", "Weights and overheads:", "", weights_and_overhead(out, df)]
     if fig is not None:
         figure(df, fig)
         parts += ["", f"figure: {fig}"]
